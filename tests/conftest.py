@@ -1,0 +1,21 @@
+"""Shared fixtures: both kernel backends, and bounded hypothesis profiles."""
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from qstore import bitslice
+
+settings.register_profile(
+    "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("slow", max_examples=2000, deadline=None)
+settings.load_profile("slow" if os.environ.get("QSTORE_SLOW") else "ci")
+
+BACKENDS = ["numpy"] + (["numba"] if bitslice.numba_available() else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    return request.param
