@@ -118,8 +118,8 @@ def _demo(src: Path, work: Path, args: argparse.Namespace, console) -> dict:
             for f in files:
                 f.close()
 
-    original_head = src.read_bytes()[:PREVIEW] if size else b""
-    say(f"\n  original  {original_head[:24]!r:<32}  entropy {entropy_bits_per_byte(_head(src)):.2f} bits/byte")
+    original = _head(src)
+    say(f"\n  original  {original[:24]!r:<32}  entropy {entropy_bits_per_byte(original):.2f} bits/byte")
     for x, p in enumerate(paths, 1):
         head = _head(p)
         hexed = head[: PREVIEW // 3].hex(" ")
