@@ -58,8 +58,8 @@ TARGET_KN = (3, 5)
 SPLIT_TARGET = 2.0
 COMBINE_TARGET = 4.0
 RSS_TARGET_MIB = 256
-PYCRYPTODOME_BLOCKS = 65536  # 1 MiB of 16-byte secrets
-PYCRYPTODOME_BUDGET_S = 20.0
+SHAMIR_BASELINE_BLOCKS = 65536  # 1 MiB of 16-byte secrets
+SHAMIR_BASELINE_BUDGET_S = 20.0
 REPEATS = 3
 
 
@@ -239,7 +239,7 @@ def bench_pycryptodome(quick: bool) -> dict[str, Any]:
     from Crypto.Protocol.SecretSharing import Shamir
 
     k, n = TARGET_KN
-    want = 4096 if quick else PYCRYPTODOME_BLOCKS
+    want = 4096 if quick else SHAMIR_BASELINE_BLOCKS
     probe = [os.urandom(16) for _ in range(256)]
     for s in probe[:16]:  # warm-up
         Shamir.split(k, n, s)
@@ -248,8 +248,8 @@ def bench_pycryptodome(quick: bool) -> dict[str, Any]:
         Shamir.split(k, n, s)
     per_block = (time.perf_counter() - t0) / len(probe)
     blocks = want
-    if per_block * want > PYCRYPTODOME_BUDGET_S:
-        blocks = max(256, int(PYCRYPTODOME_BUDGET_S / per_block))
+    if per_block * want > SHAMIR_BASELINE_BUDGET_S:
+        blocks = max(256, int(SHAMIR_BASELINE_BUDGET_S / per_block))
     secrets = [os.urandom(16) for _ in range(blocks)]
     log(f"pycryptodome Shamir: {blocks} blocks (~{per_block * blocks:.1f} s)")
 
