@@ -149,10 +149,14 @@ def interpolate(
     No checking of extra shares: with k shares this is reconstruction
     (target 0) or the rebuilding of lost shares (targets = their x).
     """
-    length = len(shares[0].data)
-    out = empty_rows(len(targets), length)
-    lmap = interpolation_map(tuple(s.x for s in shares), tuple(targets), backend)
-    lmap.apply([_as_array(s.data) for s in shares], out)
+    return _interpolate([s.x for s in shares], [_as_array(s.data) for s in shares], targets, backend)
+
+
+def _interpolate(
+    xs: Sequence[int], arrays: Sequence[U8], targets: Sequence[int], backend: Backend | None
+) -> U8:
+    out = empty_rows(len(targets), len(arrays[0]))
+    interpolation_map(tuple(xs), tuple(targets), backend).apply(arrays, out)
     return out
 
 
@@ -267,12 +271,13 @@ def combine_stream(
         got = sizes.pop()
         if got == 0:
             break
-        shares = [Share(x=x, data=bytes(b[:got]), k=k) for x, b in zip(xs, bufs, strict=True)]
-        if len(shares) == k:
-            data: bytes | U8 = interpolate(shares, (0,), backend)[0]
+        if len(sources) == k:
+            arrays = [np.frombuffer(b, dtype=np.uint8, count=got) for b in bufs]
+            data: bytes | U8 = _interpolate(xs, arrays, (0,), backend)[0]
         else:
             from qstore.decoding import decode
 
+            shares = [Share(x=x, data=bytes(b[:got]), k=k) for x, b in zip(xs, bufs, strict=True)]
             result = decode(shares, k, backend=backend)
             bad.update(result.bad)
             data = result.data
