@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from qstore import bitslice, sharing
+from qstore import linmap, sharing
 
 MiB = 1024 * 1024
 CHUNK = 4 * MiB
@@ -117,7 +117,7 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def cpu_flags(wanted: tuple[str, ...] = ("aes", "avx2", "avx512f", "sse4_2")) -> list[str]:
+def cpu_flags(wanted: tuple[str, ...] = ("aes", "vaes", "avx2", "avx512f", "avx512bw", "gfni")) -> list[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -134,7 +134,7 @@ def environment(backend: str, size: int) -> dict[str, Any]:
         "figure": "environment",
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "numba": pkg_version("numba"),
+        "llvmlite": pkg_version("llvmlite"),
         "zfec": pkg_version("zfec"),
         "pycryptodome": pkg_version("pycryptodome"),
         "cryptography": pkg_version("cryptography"),
@@ -164,7 +164,7 @@ def bench_split(data: bytes, k: int, n: int, backend: str) -> dict[str, float]:
     size = len(data)
     view = memoryview(data)
     bounds = chunk_bounds(size)
-    outs = {hi - lo: bitslice.empty_rows(n, hi - lo) for lo, hi in bounds}  # one reused buffer per size
+    outs = {hi - lo: linmap.empty_rows(n, hi - lo) for lo, hi in bounds}  # one reused buffer per size
 
     def chunked() -> None:
         for lo, hi in bounds:
@@ -388,12 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--size", type=parse_size, default=None, help="data size (default 64MiB; 8MiB quick)")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
-    parser.add_argument("--backend", choices=("numba", "numpy"), default=None)
+    parser.add_argument("--backend", choices=linmap.BACKENDS, default=None)
     parser.add_argument("--skip-rss", action="store_true", help="skip the split_stream peak-RSS figure")
     args = parser.parse_args(argv)
 
     size: int = args.size or (8 * MiB if args.quick else 64 * MiB)
-    backend: str = args.backend or bitslice.default_backend()
+    backend: str = args.backend or linmap.default_backend()
     rss_file = 64 * MiB if args.quick else 1024 * MiB
 
     emit(environment(backend, size))

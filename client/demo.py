@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qstore import bitslice, sharing
+from qstore import linmap, sharing
 from qstore.rng import AesCtrRandom, OsRandom
 
 PREVIEW = 32
@@ -103,7 +103,7 @@ def _demo(src: Path, work: Path, args: argparse.Namespace, console) -> dict:
     say = (lambda *a: None) if args.json else console.print
     say(f"[bold]qstore demo[/]: {src.name}, {size:,} bytes, split {k}-of-{n} "
         f"({'os.urandom' if args.strict_random else 'AES-256-CTR re-keyed per chunk'}, "
-        f"kernel {bitslice.default_backend()})")
+        f"kernel {linmap.default_backend()})")
     sharing.split(b"warm-up" * 1000, n, k)  # compile the kernel outside the timing
 
     show = not args.json and size >= 8 << 20

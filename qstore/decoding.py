@@ -1,6 +1,6 @@
 """Robust reconstruction: find and correct wrong shares (Reed-Solomon decoding).
 
-Shamir shares of one element at x = 1..n are a codeword of a Reed-Solomon
+Shamir shares of one byte (an element of GF(2^8)) at x = 1..n are a codeword of a Reed-Solomon
 code of length n and dimension k. With m >= k shares, up to
 e = (m - k) // 2 wrong ones can be corrected at every element, and any
 m - k wrong ones detected.
@@ -31,8 +31,8 @@ from typing import NamedTuple
 import numpy as np
 
 from qstore import gf256
-from qstore.bitslice import BLOCK, PLANE, U8, Backend, elements_at, nonzero_elements
 from qstore.errors import ShareCorruption
+from qstore.linmap import Backend
 from qstore.sharing import Share, check_shares, interpolate
 
 SAMPLES_PER_ROUND = 8
@@ -132,7 +132,7 @@ def _disagreement(shares: Sequence[Share], base: Sequence[Share], backend: Backe
     mask = np.zeros(length, dtype=bool)
     for row, s in zip(predicted, others, strict=True):
         row ^= np.frombuffer(s.data, dtype=np.uint8)
-        mask |= nonzero_elements(row)
+        mask |= row != 0
     return mask
 
 
@@ -167,7 +167,7 @@ def decode(shares: Sequence[Share], k: int | None = None, *, backend: Backend | 
             return Decoded(result.tobytes(), tuple(sorted(bad)))
         picks = np.linspace(0, len(positions) - 1, min(SAMPLES_PER_ROUND, len(positions)))
         sample = positions[picks.astype(int)]
-        values = np.stack([elements_at(a, sample) for a in arrays])  # (m, samples)
+        values = np.stack([a[sample] for a in arrays])  # (m, samples)
         candidates: list[frozenset[int]] = []
         for j in range(len(sample)):
             decoded = berlekamp_welch(xs, [int(v) for v in values[:, j]], k)
@@ -188,19 +188,6 @@ def decode(shares: Sequence[Share], k: int | None = None, *, backend: Backend | 
             ok = ~_disagreement(kept, kept[:k], backend) & todo
             if ok.any():
                 value = interpolate(kept[:k], (0,), backend)[0]
-                _copy_elements(result, value, ok)
+                np.copyto(result, value, where=ok)
                 todo &= ~ok
     raise ShareCorruption("shares disagree in too many different ways to correct", tuple(sorted(bad)))
-
-
-def _copy_elements(dst: U8, src: U8, mask: np.ndarray) -> None:
-    """dst[element j] = src[element j] where mask[j], in the bit-sliced layout."""
-    length = len(dst)
-    head = length // BLOCK * BLOCK
-    tail_mask = mask[head:]
-    dst[head:][tail_mask] = src[head:][tail_mask]
-    if head:
-        bits = np.packbits(mask[:head].reshape(-1, 1, BLOCK), axis=2, bitorder="little")  # (blocks, 1, PLANE)
-        sel = np.broadcast_to(bits, (bits.shape[0], 8, PLANE)).reshape(-1)
-        d = dst[:head]
-        d ^= (d ^ src[:head]) & sel

@@ -6,11 +6,9 @@ addition is XOR. Multiplication and inversion use 256-entry log/exp tables
 and a 64 KiB product table, so array operations are single numpy indexing
 steps, never a Python loop per element.
 
-Besides the tables this module gives the two facts the fast kernels in
-:mod:`qstore.bitslice` rest on: multiplication by a constant ``c`` is a
-linear map over GF(2), the 8x8 bit matrix :func:`bit_matrix`, and the small
-linear algebra (Vandermonde rows, Lagrange weights, matrix inverse) that
-sharing and decoding need.
+Besides the tables this module holds the small linear algebra that sharing
+and decoding need (Vandermonde rows, Lagrange weights, matrix inverse); the
+fast kernels over whole buffers are in :mod:`qstore.linmap`.
 """
 
 from __future__ import annotations
@@ -90,20 +88,6 @@ def power(a: int, e: int) -> int:
 def mul_array(c: int, arr: U8) -> U8:
     """Every element of ``arr`` times the constant ``c`` (a table lookup)."""
     return MUL[c][arr]
-
-
-def bit_matrix(c: int) -> U8:
-    """The 8x8 GF(2) matrix M with bits(c * y) = M @ bits(y).
-
-    Row r, column q is 1 when bit q of y contributes to bit r of the product,
-    i.e. when bit r of c * 2^q is set. Bit 0 is the least significant.
-    """
-    m = np.zeros((8, 8), dtype=np.uint8)
-    for q in range(8):
-        col = mul(c, 1 << q)
-        for r in range(8):
-            m[r, q] = (col >> r) & 1
-    return m
 
 
 def vandermonde_row(x: int, k: int) -> list[int]:

@@ -1,18 +1,17 @@
 """Shamir secret sharing of byte strings and streams over GF(2^8).
 
-Every element of the data (see :mod:`qstore.bitslice` for which bits form
-an element) is the constant term of its own random polynomial of degree
-k-1; share x holds the polynomials' values at x, for x = 1..n. Any k
+Every byte of the data is the constant term of its own random polynomial of
+degree k-1 over GF(2^8); share x holds the polynomials' values at x, for
+x = 1..n. Any k
 shares determine the data; any k-1 are uniformly distributed whatever the
 data (perfect secrecy, given uniform coefficients: see :mod:`qstore.rng`).
 
 A share is exactly as long as the data it hides: no padding, no header.
 Framing (object id, chunk index, digest) is :mod:`qstore.framing`'s job.
 
-Streams are split chunk by chunk with fresh randomness per chunk. Chunk
-sizes are multiples of :data:`qstore.bitslice.BLOCK`, so the concatenated
-shares of a stream are laid out exactly like the shares of the whole file:
-any chunk size (multiple of BLOCK) can combine them.
+Streams are split chunk by chunk with fresh randomness per chunk. Byte p of
+a share belongs to byte p of the data, so the concatenated shares of a
+stream are the shares of the whole file and any chunk size combines them.
 """
 
 from __future__ import annotations
@@ -25,12 +24,13 @@ from typing import BinaryIO
 import numpy as np
 
 from qstore import gf256
-from qstore.bitslice import BLOCK, U8, Backend, LinearMap, RandomSource, empty_rows
 from qstore.errors import DuplicateShare, MixedShares, NotEnoughShares, ParameterError, ShareError
+from qstore.linmap import U8, Backend, LinearMap, RandomSource, empty_rows
 from qstore.rng import AesCtrRandom
 
 MAX_SHARES = 255
 DEFAULT_CHUNK = 4 * 1024 * 1024
+MAX_CHUNK = 64 * 1024 * 1024
 Progress = Callable[[int], None]
 
 
@@ -91,7 +91,7 @@ def split_into(
     """Write the n shares of ``data`` into the rows of ``out`` (row i is x = i+1).
 
     The allocation-free primitive behind :func:`split` and the streaming
-    paths; ``out`` comes from :func:`qstore.bitslice.empty_rows`.
+    paths; ``out`` comes from :func:`qstore.linmap.empty_rows`.
     """
     check_parameters(n, k)
     secret = _as_array(data)
@@ -190,8 +190,8 @@ def _read_full(f: BinaryIO, buf: memoryview) -> int:
 
 
 def _check_chunk(chunk_size: int) -> None:
-    if not isinstance(chunk_size, int) or chunk_size <= 0 or chunk_size % BLOCK:
-        raise ParameterError(f"chunk size must be a positive multiple of {BLOCK} bytes")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or not 0 < chunk_size <= MAX_CHUNK:
+        raise ParameterError(f"chunk size must be 1 to {MAX_CHUNK} bytes")
 
 
 def split_stream(

@@ -1,11 +1,11 @@
-"""Shared fixtures: both kernel backends, and bounded hypothesis profiles."""
+"""Shared fixtures: every kernel backend this CPU runs, and bounded hypothesis profiles."""
 
 import os
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-from qstore import bitslice
+from qstore import linmap
 
 settings.register_profile(
     "ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -13,7 +13,7 @@ settings.register_profile(
 settings.register_profile("slow", max_examples=2000, deadline=None)
 settings.load_profile("slow" if os.environ.get("QSTORE_SLOW") else "ci")
 
-BACKENDS = ["numpy"] + (["numba"] if bitslice.numba_available() else [])
+BACKENDS = linmap.available_backends()
 
 
 @pytest.fixture(params=BACKENDS)

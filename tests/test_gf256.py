@@ -37,14 +37,6 @@ def test_field_laws(a, b, c):
         assert gf256.mul(a, gf256.inv(a)) == 1
 
 
-@given(byte, byte)
-def test_bit_matrix_is_multiplication(c, y):
-    m = gf256.bit_matrix(c)
-    bits = np.array([(y >> q) & 1 for q in range(8)])
-    prod = (m @ bits) % 2
-    assert sum(int(b) << r for r, b in enumerate(prod)) == gf256.mul(c, y)
-
-
 @given(st.lists(byte, min_size=1, max_size=6), st.sets(st.integers(1, 255), min_size=6, max_size=6))
 def test_lagrange_recovers_polynomial(coeffs, xs):
     xs = sorted(xs)[: len(coeffs)]

@@ -10,8 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from scipy import stats
 
-from qstore import bitslice, gf256, sharing
-from qstore.bitslice import BLOCK
+from qstore import gf256, linmap, sharing
 from qstore.errors import (
     DuplicateShare,
     LocalError,
@@ -23,7 +22,8 @@ from qstore.errors import (
 from qstore.rng import AesCtrRandom, OsRandom
 from qstore.sharing import Share
 
-SIZES = [0, 1, 2, 255, BLOCK - 1, BLOCK, BLOCK + 1, 5 * BLOCK + 77]
+BLOCK = 16384
+SIZES = [0, 1, 2, 255, 511, 512, 513, BLOCK + 1, 5 * BLOCK + 77]
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -50,30 +50,25 @@ def test_roundtrip_any_k_subset(data, nk, rnd):
 
 
 def test_shares_match_reference_polynomials():
-    """Share x of element j is f_j(x) with f_j(0) = element j and the drawn coefficients."""
+    """Share x of byte p is f_p(x), f_p(0) = data[p], coefficients as drawn from the generator."""
     key = bytes(range(32))
-    data = random.Random(1).randbytes(BLOCK + 300)
+    data = random.Random(1).randbytes(linmap.SEGMENT + 1000)
     n, k = 4, 3
-    shares = sharing.split(data, n, k, rng=AesCtrRandom(key), backend="numpy")
-    # Rebuild the coefficients the generator produced: the same keystream, in
-    # the order the kernel draws it (segment by segment, one row per coefficient).
+    shares = sharing.split(data, n, k, rng=AesCtrRandom(key))
+    # The kernel draws the keystream segment by segment, one row per coefficient.
     stream = bytearray((k - 1) * len(data))
     AesCtrRandom(key).fill(memoryview(stream))
-    seg = min(bitslice.SEGMENT, len(data))
     rows = [bytearray() for _ in range(k - 1)]
     pos = 0
-    for start in range(0, len(data), seg):
-        size = min(seg, len(data) - start)
+    for start in range(0, len(data), linmap.SEGMENT):
+        size = min(linmap.SEGMENT, len(data) - start)
         for j in range(k - 1):
             rows[j] += stream[pos : pos + size]
             pos += size
-    coeffs = [bitslice.to_elements(bytes(r)) for r in rows]
-    secret = bitslice.to_elements(data)
-    for s in shares:
-        expect = secret.copy()
-        for j, c in enumerate(coeffs, start=1):
-            expect ^= gf256.MUL[gf256.power(s.x, j)][c]
-        assert bitslice.to_elements(s.data).tobytes() == expect.tobytes()
+    for p in random.Random(2).sample(range(len(data)), 300) + [0, len(data) - 1]:
+        coeffs = [data[p]] + [r[p] for r in rows]
+        for s in shares:
+            assert s.data[p] == gf256.poly_eval(coeffs, s.x)
 
 
 def test_strict_randomness_and_fresh_randomness():
@@ -111,7 +106,7 @@ def test_combine_errors():
 
 
 @pytest.mark.parametrize("size", [0, 1, 3 * BLOCK, 3 * BLOCK + 1, 7 * BLOCK + 123])
-def test_streams_roundtrip_and_match_whole_buffer_layout(backend, size):
+def test_streams_roundtrip_and_equal_whole_buffer_shares(backend, size):
     data = random.Random(size).randbytes(size)
     outs = [io.BytesIO() for _ in range(5)]
     seen = []
@@ -143,8 +138,9 @@ def test_combine_stream_corrects_and_names_bad_share():
 
 
 def test_stream_errors():
-    with pytest.raises(ParameterError):
-        sharing.split_stream(io.BytesIO(b"x"), [io.BytesIO() for _ in range(3)], 2, chunk_size=1000)
+    for bad in (0, -1, 2**40, 1.5):
+        with pytest.raises(ParameterError):
+            sharing.split_stream(io.BytesIO(b"x"), [io.BytesIO() for _ in range(3)], 2, chunk_size=bad)
     with pytest.raises(MixedShares):
         sharing.combine_stream([(1, io.BytesIO(b"ab")), (2, io.BytesIO(b"abc"))], io.BytesIO(), 2)
     with pytest.raises(DuplicateShare):
@@ -192,8 +188,8 @@ N_ELEMENTS = 1 << 18
 
 
 def _shares_of_constant(value: int, n: int, k: int) -> list[np.ndarray]:
-    secret = bitslice.from_elements(np.full(N_ELEMENTS, value, dtype=np.uint8))
-    return [bitslice.to_elements(s.data).astype(np.int64) for s in sharing.split(secret, n, k)]
+    secret = bytes([value]) * N_ELEMENTS
+    return [np.frombuffer(s.data, dtype=np.uint8).astype(np.int64) for s in sharing.split(secret, n, k)]
 
 
 def _homogeneity_p(cells_a: np.ndarray, cells_b: np.ndarray) -> float:

@@ -1,0 +1,106 @@
+"""Every kernel equals the plain reference: byte-wise GF(2^8) arithmetic, one scalar at a time."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qstore import _simd, gf256, linmap
+from qstore.rng import AesCtrRandom
+
+# Around the kernels' group sizes (256 and 512 bytes) and a random segment.
+LENGTHS = [0, 1, 63, 255, 256, 257, 511, 512, 513, 5000, linmap.SEGMENT + 77]
+
+
+def reference(matrix, sources):
+    """Scalar GF(2^8) at sampled positions plus the numpy product table everywhere."""
+    out = []
+    for row in matrix:
+        acc = np.zeros(len(sources[0]), dtype=np.uint8)
+        for c, s in zip(row, sources, strict=True):
+            acc ^= gf256.MUL[c][s]
+        out.append(acc)
+    for p in {0, len(sources[0]) // 2, len(sources[0]) - 1} if len(sources[0]) else ():
+        for o, row in enumerate(matrix):
+            v = 0
+            for c, s in zip(row, sources, strict=True):
+                v ^= gf256.mul(c, int(s[p]))
+            assert out[o][p] == v
+    return np.array(out).reshape(len(matrix), -1)
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_linear_map_matches_reference(backend, length):
+    rng = np.random.default_rng(length)
+    matrix = rng.integers(0, 256, size=(4, 3)).tolist()
+    matrix[0] = [1, 0, 0]
+    matrix[1] = [0, 0, 0]
+    sources = [rng.integers(0, 256, length, dtype=np.uint8) for _ in range(3)]
+    out = linmap.empty_rows(4, length)
+    linmap.LinearMap(matrix, backend).apply(sources, out)
+    assert np.array_equal(out, reference(matrix, sources))
+    assert out[0].tobytes() == sources[0].tobytes()
+    assert not out[1].any()
+
+
+@given(
+    st.integers(1, 12), st.integers(1, 12), st.integers(0, 3000), st.integers(0, 2**32 - 1)
+)
+def test_all_backends_agree(n_out, n_in, length, seed):
+    rng = np.random.default_rng(seed)
+    matrix = rng.integers(0, 256, size=(n_out, n_in)).tolist()
+    sources = [rng.integers(0, 256, length, dtype=np.uint8) for _ in range(n_in)]
+    expect = reference(matrix, sources)
+    for backend in linmap.available_backends():
+        out = linmap.empty_rows(n_out, length)
+        linmap.LinearMap(matrix, backend).apply(sources, out)
+        assert np.array_equal(out, expect), backend
+
+
+def test_random_sources_are_drawn_per_segment_and_wiped(backend):
+    length = 2 * linmap.SEGMENT + 5
+    secret = np.arange(length, dtype=np.uint64).astype(np.uint8)
+    matrix = [[1, 1], [1, 0], [0, 1]]
+    out = linmap.empty_rows(3, length)
+    linmap.LinearMap(matrix, backend).apply([secret, None], out, AesCtrRandom(bytes(32)))
+    stream = bytearray(length)
+    AesCtrRandom(bytes(32)).fill(memoryview(stream))
+    assert out[1].tobytes() == secret.tobytes()
+    assert out[2].tobytes() == bytes(stream)
+    assert np.array_equal(out[0], secret ^ out[2])
+
+
+def test_backend_selection(monkeypatch):
+    have = linmap.available_backends()
+    assert have[-1] == "numpy"
+    monkeypatch.setenv("QSTORE_KERNEL", "numpy")
+    assert linmap.default_backend() == "numpy"
+    monkeypatch.setenv("QSTORE_KERNEL", "quantum-annealer")
+    with pytest.raises(ValueError):
+        linmap.default_backend()
+    monkeypatch.delenv("QSTORE_KERNEL")
+    assert linmap.default_backend() == have[0]
+
+
+def test_cpu_features_decide_kernels():
+    names = _simd.available()
+    assert set(names) <= {"gfni512", "gfni256", "avx2"}
+    for name in names:
+        assert _simd.compile_kernel(name).group == _simd.compile_kernel(name).width * _simd.UNROLL
+
+
+def test_apply_rejects_bad_shapes():
+    lm = linmap.LinearMap([[1, 2]], "numpy")
+    a = np.zeros(10, dtype=np.uint8)
+    with pytest.raises(ValueError):
+        lm.apply([a], linmap.empty_rows(1, 10))
+    with pytest.raises(ValueError):
+        lm.apply([a, np.zeros(11, dtype=np.uint8)], linmap.empty_rows(1, 10))
+    with pytest.raises(ValueError):
+        lm.apply([a, None], linmap.empty_rows(1, 10))  # randomness without an rng
+    with pytest.raises(ValueError):
+        lm.apply([a, a], np.zeros((1, 20), dtype=np.uint8)[:, ::2])  # rows not contiguous
+    with pytest.raises(ValueError):
+        linmap.LinearMap([[1, 256]])
+    with pytest.raises(ValueError):
+        linmap.LinearMap([[1, 2]], "gpu")  # type: ignore[arg-type]
