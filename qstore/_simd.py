@@ -52,6 +52,7 @@ class Kernel:
     group: int
 
 
+@cache
 def _features() -> dict[str, bool]:
     import llvmlite.binding as llvm
 
@@ -79,8 +80,10 @@ def _mul_gfni(width: int, s: str, c: str, out: str) -> str:
     return f"  {out} = call {v} @llvm.x86.vgf2p8mulb.{width * 8}({v} {s}, {v} {c})\n"
 
 
-def _ir(name: str, width: int) -> str:
-    """IR of one kernel. ``width`` is bytes per vector."""
+def _ir(name: str, width: int, streaming: bool) -> str:
+    """IR of one kernel. ``width`` is bytes per vector; ``streaming`` stores
+    bypass the cache (the outputs are many and not read back soon), which
+    needs destinations aligned to ``width``."""
     v = f"<{width} x i8>"
     gfni = name.startswith("gfni")
     decl = (
@@ -165,10 +168,11 @@ def _ir(name: str, width: int) -> str:
         "  %dp = load ptr, ptr %dp.addr\n"
         "  %dbase = getelementptr i8, ptr %dp, i64 %off\n"
     )
+    store = f"align {width}, !nontemporal !0" if streaming else "align 1"
     for u in range(UNROLL):
         lines.append(
             f"  %da{u} = getelementptr i8, ptr %dbase, i64 {u * width}\n"
-            f"  store {v} %acc{u}.next, ptr %da{u}, align 1\n"
+            f"  store {v} %acc{u}.next, ptr %da{u}, {store}\n"
         )
     lines.append(
         "  %o.next = add i64 %o, 1\n"
@@ -181,6 +185,7 @@ def _ir(name: str, width: int) -> str:
         "exit:\n"
         "  ret void\n"
         "}\n"
+        "!0 = !{i32 1}\n"
     )
     return "".join(lines)
 
@@ -190,27 +195,17 @@ _ENGINES: list[object] = []  # compiled code lives as long as its engine
 
 
 @cache
-def compile_kernel(name: str) -> Kernel:
-    """Compile (once per process) the named kernel for the host CPU."""
-    import llvmlite.binding as llvm
+def compile_kernel(name: str, streaming: bool = False) -> Kernel:
+    """Compile (once per process) the named kernel for the host CPU.
 
+    With ``streaming`` the destinations must be aligned to the kernel's width.
+    """
     if name not in _WIDTH:
         raise ValueError(f"unknown kernel {name!r}")
     if name not in available():
         raise ValueError(f"this CPU cannot run the {name} kernel")
-    llvm.initialize_native_target()
-    llvm.initialize_native_asmprinter()
     width = _WIDTH[name]
-    module = llvm.parse_assembly(_ir(name, width))
-    module.verify()
-    target = llvm.Target.from_default_triple()
-    machine = target.create_target_machine(
-        cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3
-    )
-    engine = llvm.create_mcjit_compiler(module, machine)
-    engine.finalize_object()
-    _ENGINES.append(engine)
-    fn = _PROTO(engine.get_function_address("kernel"))
+    fn = _PROTO(_jit(_ir(name, width, streaming), "kernel"))
     return Kernel(name=name, width=width, fn=fn, group=width * UNROLL)
 
 
@@ -219,3 +214,154 @@ def nibble_tables(coef: np.ndarray) -> np.ndarray:
     nib = np.arange(16, dtype=np.intp)
     c = coef.astype(np.intp)[:, None]
     return np.ascontiguousarray(np.concatenate([gf256.MUL[c, nib], gf256.MUL[c, nib << 4]], axis=1))
+
+
+# --- AES-256 in counter mode -------------------------------------------------
+#
+# The coefficient generator (qstore.rng.AesCtrRandom) needs several GB/s of
+# keystream; OpenSSL gives about 5.8 GB/s here but holds the GIL, so it
+# cannot overlap the sharing kernel. This is the same AES-256-CTR keystream
+# (counter block = 8 zero bytes || 64-bit big-endian block number, exactly
+# what `cryptography`'s CTR mode produces from an all-zero IV) computed with
+# AES-NI / VAES, called with the GIL released. Tests compare it with
+# OpenSSL's output.
+
+AES_UNROLL = 4
+_ROUNDS = 14
+
+
+@dataclass(frozen=True)
+class AesKernel:
+    """``fn(out, nvec, round_keys, first_block)``: nvec * lanes blocks of keystream."""
+
+    name: str
+    lanes: int
+    fn: ctypes._CFuncPtr  # type: ignore[name-defined]
+
+
+_AES_PROTO = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)
+
+
+def aes_available() -> list[str]:
+    """AES kernels this CPU can run, best first."""
+    try:
+        f = _features()
+    except (ImportError, RuntimeError):
+        return []
+    names = []
+    if f.get("vaes") and f.get("avx512f"):
+        names.append("vaes512")
+    if f.get("aes"):
+        names.append("aesni")
+    return names
+
+
+def _aes_ir(lanes: int) -> str:
+    n = 2 * lanes
+    v = f"<{n} x i64>"
+    suffix = ".512" if lanes == 4 else ""
+    out = [
+        f"declare {v} @llvm.x86.aesni.aesenc{suffix}({v}, {v})\n",
+        f"declare {v} @llvm.x86.aesni.aesenclast{suffix}({v}, {v})\n",
+        f"declare {v} @llvm.bswap.v{n}i64({v})\n",
+        "define void @aesctr(ptr noalias %out, i64 %nvec, ptr noalias %rk, i64 %ctr0) {\n",
+        "entry:\n",
+    ]
+    bcast = f"<{n} x i32> <{', '.join(f'i32 {j % 2}' for j in range(n))}>"
+    for r in range(_ROUNDS + 1):
+        out.append(
+            f"  %rkp{r} = getelementptr i8, ptr %rk, i64 {16 * r}\n"
+            f"  %rk2_{r} = load <2 x i64>, ptr %rkp{r}, align 1\n"
+            f"  %k{r} = shufflevector <2 x i64> %rk2_{r}, <2 x i64> poison, {bcast}\n"
+        )
+    step = lanes * AES_UNROLL
+    out.append(
+        f"  %nmain = udiv i64 %nvec, {AES_UNROLL}\n"
+        "  %anymain = icmp ugt i64 %nmain, 0\n"
+        "  br i1 %anymain, label %main, label %mainexit\n"
+    )
+
+    def body(label: str, unroll: int, counter: str, offset: str) -> None:
+        for u in range(unroll):
+            pre = f"%{label}{u}"
+            out.append(f"  {pre}c = add i64 {counter}, {u * lanes}\n")
+            prev = "zeroinitializer"
+            for lane in range(lanes):
+                out.append(f"  {pre}l{lane} = add i64 {pre}c, {lane}\n")
+                # Odd i64 of each block: the big-endian block number (after bswap).
+                elem = f"i64 {pre}l{lane}, i64 {2 * lane + 1}"
+                out.append(f"  {pre}i{lane} = insertelement {v} {prev}, {elem}\n")
+                prev = f"{pre}i{lane}"
+            out.append(f"  {pre}b = call {v} @llvm.bswap.v{n}i64({v} {prev})\n")
+            out.append(f"  {pre}x0 = xor {v} {pre}b, %k0\n")
+        for r in range(1, _ROUNDS + 1):
+            fn = "aesenclast" if r == _ROUNDS else "aesenc"
+            for u in range(unroll):
+                pre = f"%{label}{u}"
+                call = f"@llvm.x86.aesni.{fn}{suffix}({v} {pre}x{r - 1}, {v} %k{r})"
+                out.append(f"  {pre}x{r} = call {v} {call}\n")
+        for u in range(unroll):
+            pre = f"%{label}{u}"
+            out.append(
+                f"  {pre}o = add i64 {offset}, {u * lanes * 16}\n"
+                f"  {pre}p = getelementptr i8, ptr %out, i64 {pre}o\n"
+                f"  store {v} {pre}x{_ROUNDS}, ptr {pre}p, align 1\n"
+            )
+
+    out.append(
+        "main:\n"
+        "  %m = phi i64 [0, %entry], [%m.next, %main]\n"
+        f"  %mblk = mul i64 %m, {step}\n"
+        "  %mctr = add i64 %ctr0, %mblk\n"
+        "  %moff = mul i64 %mblk, 16\n"
+    )
+    body("a", AES_UNROLL, "%mctr", "%moff")
+    out.append(
+        "  %m.next = add i64 %m, 1\n"
+        "  %m.more = icmp ult i64 %m.next, %nmain\n"
+        "  br i1 %m.more, label %main, label %mainexit\n"
+        "mainexit:\n"
+        f"  %done = mul i64 %nmain, {AES_UNROLL}\n"
+        "  %anyrest = icmp ult i64 %done, %nvec\n"
+        "  br i1 %anyrest, label %rest, label %exit\n"
+        "rest:\n"
+        "  %t = phi i64 [%done, %mainexit], [%t.next, %rest]\n"
+        f"  %tblk = mul i64 %t, {lanes}\n"
+        "  %tctr = add i64 %ctr0, %tblk\n"
+        "  %toff = mul i64 %tblk, 16\n"
+    )
+    body("b", 1, "%tctr", "%toff")
+    out.append(
+        "  %t.next = add i64 %t, 1\n"
+        "  %t.more = icmp ult i64 %t.next, %nvec\n"
+        "  br i1 %t.more, label %rest, label %exit\n"
+        "exit:\n"
+        "  ret void\n"
+        "}\n"
+    )
+    return "".join(out)
+
+
+def _jit(ir: str, symbol: str) -> int:
+    import llvmlite.binding as llvm
+
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    module = llvm.parse_assembly(ir)
+    module.verify()
+    machine = llvm.Target.from_default_triple().create_target_machine(
+        cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3
+    )
+    engine = llvm.create_mcjit_compiler(module, machine)
+    engine.finalize_object()
+    _ENGINES.append(engine)
+    return engine.get_function_address(symbol)
+
+
+@cache
+def compile_aes(name: str) -> AesKernel:
+    """Compile (once per process) the named AES-CTR kernel for the host CPU."""
+    lanes = {"vaes512": 4, "aesni": 1}.get(name)
+    if lanes is None or name not in aes_available():
+        raise ValueError(f"this CPU cannot run the {name} AES kernel")
+    return AesKernel(name=name, lanes=lanes, fn=_AES_PROTO(_jit(_aes_ir(lanes), "aesctr")))

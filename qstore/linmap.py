@@ -28,24 +28,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Literal, Protocol
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
 from qstore import gf256
+from qstore.rng import RandomSource
 
 Backend = Literal["gfni512", "gfni256", "avx2", "numpy"]
 BACKENDS: tuple[Backend, ...] = ("gfni512", "gfni256", "avx2", "numpy")
 SEGMENT = 1 << 18  # random bytes per source drawn per kernel call: they stay in L2
 _NUMPY_PIECE = 1 << 20  # bounds the temporaries of table lookups
 U8 = npt.NDArray[np.uint8]
-
-
-class RandomSource(Protocol):
-    """Anything that fills a writable buffer with uniform random bytes."""
-
-    def fill(self, out: memoryview) -> None: ...
 
 
 def available_backends() -> list[Backend]:
@@ -69,7 +64,9 @@ def default_backend() -> Backend:
 def empty_rows(rows: int, length: int) -> U8:
     """An uninitialised (rows, length) uint8 array whose rows start 64-byte aligned."""
     stride = max(-(-length // 64) * 64, 64)
-    return np.empty((rows, stride), dtype=np.uint8)[:, :length]
+    raw = np.empty(rows * stride + 64, dtype=np.uint8)
+    skip = -raw.ctypes.data % 64
+    return raw[skip : skip + rows * stride].reshape(rows, stride)[:, :length]
 
 
 class LinearMap:
@@ -94,11 +91,12 @@ class LinearMap:
         coef = np.array(rows, dtype=np.uint8).reshape(-1)
         # Product tables for the numpy path and for tails: _tables[i][o] = MUL[matrix[o][i]].
         self._tables = [gf256.MUL[[r[i] for r in rows]] for i in range(self.n_in)]
-        self._kernel = None
+        self._kernel = self._streaming = None
         if self.backend != "numpy":
             from qstore import _simd
 
             self._kernel = _simd.compile_kernel(self.backend)
+            self._streaming = _simd.compile_kernel(self.backend, streaming=True)
             self._coef = _simd.nibble_tables(coef) if self.backend == "avx2" else coef
 
     def apply(self, sources: Sequence[U8 | None], out: U8, rng: RandomSource | None = None) -> None:
@@ -124,18 +122,21 @@ class LinearMap:
         if not random_rows:
             self._apply(srcs, out)  # type: ignore[arg-type]
             return
-        size = min(SEGMENT, length)
-        stage = np.empty((len(random_rows), size), dtype=np.uint8)
+        n_rand = len(random_rows)
+        stage = np.empty((n_rand, min(SEGMENT, length)), dtype=np.uint8)
         try:
-            for lo in range(0, length, SEGMENT):
+            for n, lo in enumerate(range(0, length, SEGMENT)):
                 hi = min(length, lo + SEGMENT)
-                for row in stage:
-                    rng.fill(memoryview(row[: hi - lo]))  # type: ignore[union-attr]
-                rows = iter(stage)
-                seg_srcs = [next(rows)[: hi - lo] if s is None else s[lo:hi] for s in srcs]
-                self._apply(seg_srcs, out[:, lo:hi])
+                rows = []
+                for r in range(n_rand):
+                    row = stage[r, : hi - lo]
+                    # Row r of segment n is always the same part of the stream.
+                    rng.fill(memoryview(row), (n * n_rand + r) * SEGMENT)  # type: ignore[union-attr]
+                    rows.append(row)
+                it = iter(rows)
+                self._apply([next(it) if s is None else s[lo:hi] for s in srcs], out[:, lo:hi])
         finally:
-            stage.fill(0)  # coefficients are as secret as the data: do not leave them behind
+            stage.fill(0)  # coefficients are as secret as the data
 
     def _apply(self, srcs: Sequence[U8], out: U8) -> None:
         length = out.shape[1]
@@ -144,7 +145,9 @@ class LinearMap:
             groups = length // self._kernel.group
             src_ptrs = np.array([s.ctypes.data for s in srcs], dtype=np.int64)
             dst_ptrs = out[:, 0].ctypes.data + np.arange(self.n_out, dtype=np.int64) * out.strides[0]
-            self._kernel.fn(
+            aligned = not (dst_ptrs % self._kernel.width).any()
+            kernel = self._streaming if aligned else self._kernel
+            kernel.fn(
                 src_ptrs.ctypes.data, dst_ptrs.ctypes.data, self._coef.ctypes.data,
                 self.n_in, self.n_out, groups,
             )

@@ -25,8 +25,8 @@ import numpy as np
 
 from qstore import gf256
 from qstore.errors import DuplicateShare, MixedShares, NotEnoughShares, ParameterError, ShareError
-from qstore.linmap import U8, Backend, LinearMap, RandomSource, empty_rows
-from qstore.rng import AesCtrRandom
+from qstore.linmap import U8, Backend, LinearMap, empty_rows
+from qstore.rng import AesCtrRandom, RandomSource
 
 MAX_SHARES = 255
 DEFAULT_CHUNK = 4 * 1024 * 1024
@@ -98,7 +98,12 @@ def split_into(
     if out.shape != (n, len(secret)):
         raise ParameterError(f"out must have shape ({n}, {len(secret)})")
     sources: list[U8 | None] = [secret] + [None] * (k - 1)
-    split_map(n, k, backend).apply(sources, out, rng or AesCtrRandom())
+    generator = rng or AesCtrRandom()
+    try:
+        split_map(n, k, backend).apply(sources, out, generator)
+    finally:
+        if rng is None:
+            generator.wipe()
 
 
 def split(

@@ -104,3 +104,16 @@ def test_apply_rejects_bad_shapes():
         linmap.LinearMap([[1, 256]])
     with pytest.raises(ValueError):
         linmap.LinearMap([[1, 2]], "gpu")  # type: ignore[arg-type]
+
+
+def test_unaligned_and_strided_outputs(backend):
+    """Rows that are not 64-byte aligned take the cached-store kernel and give the same bytes."""
+    rng = np.random.default_rng(11)
+    matrix = rng.integers(0, 256, size=(3, 2)).tolist()
+    length = 4000
+    sources = [rng.integers(0, 256, length, dtype=np.uint8) for _ in range(2)]
+    raw = np.zeros((3, length + 9), dtype=np.uint8)
+    out = raw[:, 3 : 3 + length]
+    linmap.LinearMap(matrix, backend).apply(sources, out)
+    assert np.array_equal(out, reference(matrix, sources))
+    assert not raw[:, :3].any() and not raw[:, 3 + length :].any()  # nothing written outside

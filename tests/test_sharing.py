@@ -55,16 +55,15 @@ def test_shares_match_reference_polynomials():
     data = random.Random(1).randbytes(linmap.SEGMENT + 1000)
     n, k = 4, 3
     shares = sharing.split(data, n, k, rng=AesCtrRandom(key))
-    # The kernel draws the keystream segment by segment, one row per coefficient.
-    stream = bytearray((k - 1) * len(data))
-    AesCtrRandom(key).fill(memoryview(stream))
+    # Coefficient row j of segment m is keystream at ((m * (k - 1)) + j) * SEGMENT.
+    gen = AesCtrRandom(key)
     rows = [bytearray() for _ in range(k - 1)]
-    pos = 0
-    for start in range(0, len(data), linmap.SEGMENT):
+    for m, start in enumerate(range(0, len(data), linmap.SEGMENT)):
         size = min(linmap.SEGMENT, len(data) - start)
         for j in range(k - 1):
-            rows[j] += stream[pos : pos + size]
-            pos += size
+            piece = bytearray(size)
+            gen.fill(memoryview(piece), (m * (k - 1) + j) * linmap.SEGMENT)
+            rows[j] += piece
     for p in random.Random(2).sample(range(len(data)), 300) + [0, len(data) - 1]:
         coeffs = [data[p]] + [r[p] for r in rows]
         for s in shares:
