@@ -7,7 +7,7 @@ What it measures, all in one run on the same random data (os.urandom):
 
   - ``chunked-4MiB``: the system's data path, the data processed 4 MiB at a time; split with
     ``split_into`` into one reused out buffer, combine with ``interpolate`` of k shares per
-    chunk (x = {2, 4, 5} for (3, 5), the last k shares otherwise);
+    chunk into one reused row (x = {2, 4, 5} for (3, 5), the last k shares otherwise);
   - ``oneshot``: ``split(data)`` / ``combine(shares)`` on the whole buffer.
 
 * ``zfec_encode``: ``zfec.Encoder(k, n).encode(blocks)`` MB/s on the same data and modes (the
@@ -180,7 +180,7 @@ def bench_combine(data: bytes, k: int, n: int, backend: str) -> dict[str, float]
     size = len(data)
     xs = combine_xs(k, n)
     shares = [s for s in sharing.split(data, n, k, backend=backend) if s.x in xs]  # type: ignore[arg-type]
-    # Chunks are multiples of BLOCK, so slices of whole-buffer shares are the shares of each chunk.
+    # Byte p of a share belongs to byte p of the data: slices of whole shares are the chunks' shares.
     per_chunk = [
         [sharing.Share(x=s.x, data=s.data[lo:hi], k=k) for s in shares] for lo, hi in chunk_bounds(size)
     ]
@@ -191,9 +191,11 @@ def bench_combine(data: bytes, k: int, n: int, backend: str) -> dict[str, float]
         raise SystemExit(f"combine ({k},{n}) did not rebuild the data")
     del rebuilt
 
+    rows = {hi - lo: linmap.empty_rows(1, hi - lo) for lo, hi in chunk_bounds(size)}  # reused, as in streams
+
     def chunked() -> None:
         for c in per_chunk:
-            sharing.interpolate(c, (0,), backend)  # type: ignore[arg-type]
+            sharing.interpolate(c, (0,), backend, rows[len(c[0].data)])  # type: ignore[arg-type]
 
     def oneshot() -> None:
         sharing.combine(shares, backend=backend)  # type: ignore[arg-type]

@@ -147,20 +147,28 @@ def check_shares(shares: Sequence[Share]) -> int:
 
 
 def interpolate(
-    shares: Sequence[Share], targets: Sequence[int] = (0,), backend: Backend | None = None
+    shares: Sequence[Share],
+    targets: Sequence[int] = (0,),
+    backend: Backend | None = None,
+    out: U8 | None = None,
 ) -> U8:
     """Values at ``targets`` of the polynomials through exactly these shares.
 
     No checking of extra shares: with k shares this is reconstruction
-    (target 0) or the rebuilding of lost shares (targets = their x).
+    (target 0) or the rebuilding of lost shares (targets = their x). The
+    result goes into ``out`` (shape (len(targets), L)) when given, so that a
+    streaming caller reuses one buffer.
     """
-    return _interpolate([s.x for s in shares], [_as_array(s.data) for s in shares], targets, backend)
+    arrays = [_as_array(s.data) for s in shares]
+    return _interpolate([s.x for s in shares], arrays, targets, backend, out)
 
 
 def _interpolate(
-    xs: Sequence[int], arrays: Sequence[U8], targets: Sequence[int], backend: Backend | None
+    xs: Sequence[int], arrays: Sequence[U8], targets: Sequence[int], backend: Backend | None,
+    out: U8 | None = None,
 ) -> U8:
-    out = empty_rows(len(targets), len(arrays[0]))
+    if out is None:
+        out = empty_rows(len(targets), len(arrays[0]))
     interpolation_map(tuple(xs), tuple(targets), backend).apply(arrays, out)
     return out
 
@@ -267,6 +275,7 @@ def combine_stream(
     if len(set(xs)) != len(xs):
         raise DuplicateShare(next(x for x in xs if xs.count(x) > 1))
     bufs = [bytearray(chunk_size) for _ in sources]
+    row = empty_rows(1, chunk_size)
     bad: set[int] = set()
     total = 0
     while True:
@@ -278,7 +287,7 @@ def combine_stream(
             break
         if len(sources) == k:
             arrays = [np.frombuffer(b, dtype=np.uint8, count=got) for b in bufs]
-            data: bytes | U8 = _interpolate(xs, arrays, (0,), backend)[0]
+            data: bytes | U8 = _interpolate(xs, arrays, (0,), backend, row[:, :got])[0]
         else:
             from qstore.decoding import decode
 
