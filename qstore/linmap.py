@@ -34,11 +34,12 @@ import numpy as np
 import numpy.typing as npt
 
 from qstore import gf256
+from qstore._simd import GROUP
 from qstore.rng import RandomSource
 
 Backend = Literal["gfni512", "gfni256", "avx2", "numpy"]
 BACKENDS: tuple[Backend, ...] = ("gfni512", "gfni256", "avx2", "numpy")
-SEGMENT = 1 << 18  # random bytes per source drawn per kernel call: they stay in L2
+SEGMENT = 1 << 18  # bytes per source per step when the stream is drawn outside the kernel
 _NUMPY_PIECE = 1 << 20  # bounds the temporaries of table lookups
 U8 = npt.NDArray[np.uint8]
 
@@ -91,20 +92,28 @@ class LinearMap:
         coef = np.array(rows, dtype=np.uint8).reshape(-1)
         # Product tables for the numpy path and for tails: _tables[i][o] = MUL[matrix[o][i]].
         self._tables = [gf256.MUL[[r[i] for r in rows]] for i in range(self.n_in)]
-        self._kernel = self._streaming = None
-        if self.backend != "numpy":
+        self._coef = coef
+        if self.backend == "avx2":
             from qstore import _simd
 
-            self._kernel = _simd.compile_kernel(self.backend)
-            self._streaming = _simd.compile_kernel(self.backend, streaming=True)
-            self._coef = _simd.nibble_tables(coef) if self.backend == "avx2" else coef
+            self._coef = _simd.nibble_tables(coef)
+
+    def _compiled(self, streaming: bool, aes: str | None):  # -> qstore._simd.Kernel
+        from qstore import _simd
+
+        return _simd.compile_kernel(self.backend, streaming, aes)
 
     def apply(self, sources: Sequence[U8 | None], out: U8, rng: RandomSource | None = None) -> None:
         """out = matrix @ sources; a ``None`` source is fresh randomness from ``rng``.
 
-        Every source is a uint8 array as long as the rows of ``out``.
-        Randomness is drawn segment by segment into a small buffer that stays
-        in cache, so it never exists for the whole buffer at once.
+        Every source is a uint8 array as long as the rows of ``out``. Random
+        source r takes byte p from the generator's stream at
+        ``base + ((p // GROUP) * n_rand + r) * GROUP + p % GROUP``, where
+        ``base = rng.reserve(...)`` is a fresh part of the stream for every
+        call. With a compiled kernel and :class:`~qstore.rng.AesCtrRandom`
+        the kernel generates that keystream itself, group by group, in L1;
+        otherwise it is drawn segment by segment. Either way the coefficients
+        never exist for the whole buffer at once, and the result is the same.
         """
         if len(sources) != self.n_in:
             raise ValueError(f"expected {self.n_in} sources, got {len(sources)}")
@@ -114,44 +123,88 @@ class LinearMap:
         srcs = [None if s is None else np.ascontiguousarray(s, dtype=np.uint8) for s in sources]
         if any(s is not None and s.shape != (length,) for s in srcs):
             raise ValueError("sources and outputs differ in length")
-        random_rows = [i for i, s in enumerate(srcs) if s is None]
-        if random_rows and rng is None:
+        n_rand = sum(s is None for s in srcs)
+        if n_rand and rng is None:
             raise ValueError("random sources need an rng")
         if length == 0:
             return
-        if not random_rows:
-            self._apply(srcs, out)  # type: ignore[arg-type]
-            return
-        n_rand = len(random_rows)
-        stage = np.empty((n_rand, min(SEGMENT, length)), dtype=np.uint8)
+        units = -(-length // GROUP)
+        base = rng.reserve(units * n_rand * GROUP) if n_rand else 0  # type: ignore[union-attr]
+        aes = getattr(rng, "kernel_state", lambda: None)() if n_rand else None
+        if self.backend != "numpy" and (n_rand == 0 or aes is not None):
+            self._apply_fused(srcs, out, n_rand, base, aes, rng)
+        else:
+            self._apply_segments(srcs, out, n_rand, base, rng)
+
+    def _apply_fused(self, srcs, out, n_rand, base, aes, rng) -> None:
+        """One kernel call for all whole groups (randomness made inside), numpy for the tail."""
+        length = out.shape[1]
+        groups = length // GROUP
+        scratch = np.zeros(max(n_rand, 1) * GROUP + 64, dtype=np.uint8)
         try:
-            for n, lo in enumerate(range(0, length, SEGMENT)):
+            if groups:
+                dst = out[:, 0].ctypes.data + np.arange(self.n_out, dtype=np.int64) * out.strides[0]
+                kernel = self._compiled(
+                    streaming=not (dst % 64).any(), aes=aes[0] if aes is not None else None
+                )
+                ptrs = np.zeros(self.n_in, dtype=np.int64)
+                strides = np.zeros(self.n_in, dtype=np.int64)
+                r = 0
+                for i, s in enumerate(srcs):
+                    if s is None:
+                        ptrs[i] = scratch.ctypes.data + r * GROUP
+                        r += 1
+                    else:
+                        ptrs[i] = s.ctypes.data
+                        strides[i] = GROUP
+                rk = aes[1] if aes is not None else scratch
+                kernel.fn(
+                    ptrs.ctypes.data, strides.ctypes.data, dst.ctypes.data, self._coef.ctypes.data,
+                    self.n_in, self.n_out, groups, scratch.ctypes.data, n_rand, rk.ctypes.data,
+                    base // 16,
+                )
+            if groups * GROUP < length:
+                self._apply_segments(srcs, out, n_rand, base, rng, start=groups * GROUP)
+        finally:
+            scratch.fill(0)  # coefficients are as secret as the data
+
+    def _apply_segments(self, srcs, out, n_rand, base, rng, start: int = 0) -> None:
+        """Draw the coefficient stream segment by segment and apply the map to each."""
+        length = out.shape[1]
+        seg_units = SEGMENT // GROUP
+        raw = np.empty(seg_units * n_rand * GROUP, dtype=np.uint8) if n_rand else None
+        try:
+            for lo in range(start, length, SEGMENT):
                 hi = min(length, lo + SEGMENT)
-                rows = []
-                for r in range(n_rand):
-                    row = stage[r, : hi - lo]
-                    # Row r of segment n is always the same part of the stream.
-                    rng.fill(memoryview(row), (n * n_rand + r) * SEGMENT)  # type: ignore[union-attr]
-                    rows.append(row)
+                units = -(-(hi - lo) // GROUP)
+                rows: list[U8] = []
+                if n_rand:
+                    stream = raw[: units * n_rand * GROUP]  # type: ignore[index]
+                    rng.fill(memoryview(stream), base + lo // GROUP * n_rand * GROUP)
+                    # (unit, row, byte) -> (row, unit, byte): row r's coefficients, in order
+                    by_row = stream.reshape(units, n_rand, GROUP).transpose(1, 0, 2).reshape(n_rand, -1)
+                    rows = list(by_row[:, : hi - lo])
                 it = iter(rows)
                 self._apply([next(it) if s is None else s[lo:hi] for s in srcs], out[:, lo:hi])
         finally:
-            stage.fill(0)  # coefficients are as secret as the data
+            if raw is not None:
+                raw.fill(0)
 
     def _apply(self, srcs: Sequence[U8], out: U8) -> None:
+        """out = matrix @ srcs for fully materialised sources."""
         length = out.shape[1]
         done = 0
-        if self._kernel is not None and length >= self._kernel.group:
-            groups = length // self._kernel.group
-            src_ptrs = np.array([s.ctypes.data for s in srcs], dtype=np.int64)
-            dst_ptrs = out[:, 0].ctypes.data + np.arange(self.n_out, dtype=np.int64) * out.strides[0]
-            aligned = not (dst_ptrs % self._kernel.width).any()
-            kernel = self._streaming if aligned else self._kernel
+        groups = length // GROUP
+        if self.backend != "numpy" and groups:
+            dst = out[:, 0].ctypes.data + np.arange(self.n_out, dtype=np.int64) * out.strides[0]
+            kernel = self._compiled(streaming=not (dst % 64).any(), aes=None)
+            ptrs = np.array([s.ctypes.data for s in srcs], dtype=np.int64)
+            strides = np.full(self.n_in, GROUP, dtype=np.int64)
             kernel.fn(
-                src_ptrs.ctypes.data, dst_ptrs.ctypes.data, self._coef.ctypes.data,
-                self.n_in, self.n_out, groups,
+                ptrs.ctypes.data, strides.ctypes.data, dst.ctypes.data, self._coef.ctypes.data,
+                self.n_in, self.n_out, groups, 0, 0, 0, 0,
             )
-            done = groups * self._kernel.group
+            done = groups * GROUP
         for lo in range(done, length, _NUMPY_PIECE):
             hi = min(length, lo + _NUMPY_PIECE)
             piece = out[:, lo:hi]

@@ -42,10 +42,14 @@ class RandomSource(Protocol):
     """Anything that fills a writable buffer with uniform random bytes.
 
     ``position`` addresses the stream (a multiple of 16); sources without a
-    stream (the OS) ignore it.
+    stream (the OS) ignore it. ``reserve(n)`` hands out the start of n
+    stream bytes never handed out before, so that no coefficient is ever
+    used twice, however often one generator is used.
     """
 
     def fill(self, out: memoryview, position: int = 0) -> None: ...
+
+    def reserve(self, nbytes: int) -> int: ...
 
 
 @cache
@@ -100,6 +104,19 @@ class AesCtrRandom:
         self._key: bytes | None = key
         self._kernel = _aes_kernel()
         self._round_keys = np.frombuffer(expand_key_256(key), dtype=np.uint8).copy() if self._kernel else None
+        self._next = 0
+
+    def reserve(self, nbytes: int) -> int:
+        """Start of ``nbytes`` of fresh stream (rounded up to whole blocks)."""
+        start = self._next
+        self._next += -(-nbytes // _BLOCK) * _BLOCK
+        return start
+
+    def kernel_state(self) -> tuple[str, np.ndarray] | None:
+        """(AES kernel name, round keys) for kernels that make the stream themselves (hazmat)."""
+        if self._kernel is None or self._round_keys is None:
+            return None
+        return self._kernel.name, self._round_keys
 
     def fill(self, out: memoryview, position: int = 0) -> None:
         """Write keystream bytes ``position .. position + len(out)`` into ``out``."""
@@ -135,6 +152,9 @@ class AesCtrRandom:
 
 class OsRandom:
     """Strict mode: every byte from the operating system's CSPRNG."""
+
+    def reserve(self, nbytes: int) -> int:
+        return 0  # no stream: every fill is fresh
 
     def fill(self, out: memoryview, position: int = 0) -> None:
         out = out.cast("B") if out.format != "B" else out

@@ -63,10 +63,10 @@ def test_random_sources_are_drawn_per_segment_and_wiped(backend):
     matrix = [[1, 1], [1, 0], [0, 1]]
     out = linmap.empty_rows(3, length)
     linmap.LinearMap(matrix, backend).apply([secret, None], out, AesCtrRandom(bytes(32)))
-    stream = bytearray(length)
+    stream = bytearray(-(-length // 512) * 512)
     AesCtrRandom(bytes(32)).fill(memoryview(stream))
     assert out[1].tobytes() == secret.tobytes()
-    assert out[2].tobytes() == bytes(stream)
+    assert out[2].tobytes() == bytes(stream[:length])  # one random row: the stream in order
     assert np.array_equal(out[0], secret ^ out[2])
 
 
@@ -83,10 +83,45 @@ def test_backend_selection(monkeypatch):
 
 
 def test_cpu_features_decide_kernels():
-    names = _simd.available()
-    assert set(names) <= {"gfni512", "gfni256", "avx2"}
-    for name in names:
-        assert _simd.compile_kernel(name).group == _simd.compile_kernel(name).width * _simd.UNROLL
+    assert set(_simd.available()) <= {"gfni512", "gfni256", "avx2"}
+    assert set(_simd.aes_available()) <= {"vaes512", "aesni"}
+
+
+@pytest.mark.parametrize("length", [1, 511, 512, 3 * 512 + 1, linmap.SEGMENT + 1000])
+@pytest.mark.parametrize("n_rand", [1, 2, 4])
+def test_in_kernel_randomness_equals_drawn_stream(length, n_rand):
+    """Every backend (AES made inside the kernel, or the stream drawn outside) gives the same bytes."""
+    rng = np.random.default_rng(length + n_rand)
+    matrix = rng.integers(0, 256, size=(5, 1 + n_rand)).tolist()
+    secret = rng.integers(0, 256, length, dtype=np.uint8)
+    key = bytes(range(32))
+    outs = {}
+    for backend in linmap.available_backends():
+        out = linmap.empty_rows(5, length)
+        gen = AesCtrRandom(key)
+        gen.reserve(4096)  # the stream position must come from reserve(), not from 0
+        linmap.LinearMap(matrix, backend).apply([secret] + [None] * n_rand, out, gen)
+        outs[backend] = out.copy()
+    # The documented layout, computed by hand from the keystream.
+    units = -(-length // 512)
+    stream = bytearray(units * n_rand * 512)
+    AesCtrRandom(key).fill(memoryview(stream), 4096)
+    coeffs = np.frombuffer(bytes(stream), np.uint8).reshape(units, n_rand, 512).transpose(1, 0, 2)
+    coeffs = coeffs.reshape(n_rand, -1)[:, :length]
+    expect = reference(matrix, [secret, *coeffs])
+    for backend, out in outs.items():
+        assert np.array_equal(out, expect), backend
+
+
+def test_one_generator_never_repeats_coefficients(backend):
+    gen = AesCtrRandom(bytes(32))
+    matrix = [[1, 1], [1, 2]]
+    zeros = np.zeros(3000, dtype=np.uint8)
+    a, b = linmap.empty_rows(2, 3000), linmap.empty_rows(2, 3000)
+    lm = linmap.LinearMap(matrix, backend)
+    lm.apply([zeros, None], a, gen)
+    lm.apply([zeros, None], b, gen)
+    assert not np.array_equal(a, b)
 
 
 def test_apply_rejects_bad_shapes():

@@ -55,15 +55,12 @@ def test_shares_match_reference_polynomials():
     data = random.Random(1).randbytes(linmap.SEGMENT + 1000)
     n, k = 4, 3
     shares = sharing.split(data, n, k, rng=AesCtrRandom(key))
-    # Coefficient row j of segment m is keystream at ((m * (k - 1)) + j) * SEGMENT.
-    gen = AesCtrRandom(key)
-    rows = [bytearray() for _ in range(k - 1)]
-    for m, start in enumerate(range(0, len(data), linmap.SEGMENT)):
-        size = min(linmap.SEGMENT, len(data) - start)
-        for j in range(k - 1):
-            piece = bytearray(size)
-            gen.fill(memoryview(piece), (m * (k - 1) + j) * linmap.SEGMENT)
-            rows[j] += piece
+    # Coefficient j of byte p is keystream byte ((p // 512) * (k - 1) + j) * 512 + p % 512.
+    units = -(-len(data) // 512)
+    stream = bytearray(units * (k - 1) * 512)
+    AesCtrRandom(key).fill(memoryview(stream))
+    rows = np.frombuffer(bytes(stream), np.uint8).reshape(units, k - 1, 512).transpose(1, 0, 2)
+    rows = rows.reshape(k - 1, -1)
     for p in random.Random(2).sample(range(len(data)), 300) + [0, len(data) - 1]:
         coeffs = [data[p]] + [r[p] for r in rows]
         for s in shares:
