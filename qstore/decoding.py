@@ -10,7 +10,7 @@ cluster by share, not by element. The decoder exploits that and stays
 vectorised:
 
 1. Check: interpolate every extra share from k others over the whole
-   buffer (one bit-sliced linear map) and mark the elements where any
+   buffer (one linear map) and mark the bytes where any
    disagrees. No mark: done.
 2. Locate: on a few marked elements, run scalar Berlekamp-Welch to learn
    which shares are wrong there.
