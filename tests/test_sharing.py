@@ -214,3 +214,12 @@ def test_secrecy_test_has_power():
         return gf256.MUL[w[0]][sh[0]] ^ gf256.MUL[w[1]][sh[1]] ^ gf256.MUL[w[2]][sh[2]]
 
     assert _homogeneity_p(cells(a).astype(np.int64), cells(b).astype(np.int64)) < ALPHA
+
+
+def test_interpolate_rebuilds_lost_shares_into_a_reused_buffer():
+    data = random.Random(12).randbytes(3000)
+    shares = sharing.split(data, 5, 3)
+    out = linmap.empty_rows(2, len(data))
+    got = sharing.interpolate([shares[0], shares[2], shares[4]], (2, 4), out=out)
+    assert got is out
+    assert out[0].tobytes() == shares[1].data and out[1].tobytes() == shares[3].data
