@@ -137,36 +137,42 @@ class LinearMap:
             self._apply_segments(srcs, out, n_rand, base, rng)
 
     def _apply_fused(self, srcs, out, n_rand, base, aes, rng) -> None:
-        """One kernel call for all whole groups (randomness made inside), numpy for the tail."""
-        length = out.shape[1]
-        groups = length // GROUP
-        scratch = np.zeros(max(n_rand, 1) * GROUP + 64, dtype=np.uint8)
+        """One kernel call for all whole groups (randomness made inside), then the tail."""
+        scratch = np.zeros(max(n_rand, 1) * GROUP, dtype=np.uint8)
         try:
-            if groups:
-                dst = out[:, 0].ctypes.data + np.arange(self.n_out, dtype=np.int64) * out.strides[0]
-                kernel = self._compiled(
-                    streaming=not (dst % 64).any(), aes=aes[0] if aes is not None else None
-                )
-                ptrs = np.zeros(self.n_in, dtype=np.int64)
-                strides = np.zeros(self.n_in, dtype=np.int64)
-                r = 0
-                for i, s in enumerate(srcs):
-                    if s is None:
-                        ptrs[i] = scratch.ctypes.data + r * GROUP
-                        r += 1
-                    else:
-                        ptrs[i] = s.ctypes.data
-                        strides[i] = GROUP
-                rk = aes[1] if aes is not None else scratch
-                kernel.fn(
-                    ptrs.ctypes.data, strides.ctypes.data, dst.ctypes.data, self._coef.ctypes.data,
-                    self.n_in, self.n_out, groups, scratch.ctypes.data, n_rand, rk.ctypes.data,
-                    base // 16,
-                )
-            if groups * GROUP < length:
-                self._apply_segments(srcs, out, n_rand, base, rng, start=groups * GROUP)
+            done = self._kernel_groups(srcs, out, scratch, n_rand, base, aes)
+            if done < out.shape[1]:
+                self._apply_segments(srcs, out, n_rand, base, rng, start=done)
         finally:
             scratch.fill(0)  # coefficients are as secret as the data
+
+    def _kernel_groups(self, srcs, out, scratch, n_rand, base, aes) -> int:
+        """Run the compiled kernel over every whole group; return the bytes done.
+
+        ``None`` sources read the scratch rows the kernel fills with keystream.
+        """
+        groups = out.shape[1] // GROUP
+        if not groups:
+            return 0
+        dst = out[:, 0].ctypes.data + np.arange(self.n_out, dtype=np.int64) * out.strides[0]
+        kernel = self._compiled(streaming=not (dst % 64).any(), aes=aes[0] if aes is not None else None)
+        ptrs = np.zeros(self.n_in, dtype=np.int64)
+        strides = np.zeros(self.n_in, dtype=np.int64)
+        r = 0
+        for i, s in enumerate(srcs):
+            if s is None:
+                ptrs[i] = scratch.ctypes.data + r * GROUP
+                r += 1
+            else:
+                ptrs[i] = s.ctypes.data
+                strides[i] = GROUP
+        kernel.fn(
+            ptrs.ctypes.data, strides.ctypes.data, dst.ctypes.data, self._coef.ctypes.data,
+            self.n_in, self.n_out, groups,
+            scratch.ctypes.data if n_rand else 0, n_rand, aes[1].ctypes.data if aes is not None else 0,
+            base // 16,
+        )
+        return groups * GROUP
 
     def _apply_segments(self, srcs, out, n_rand, base, rng, start: int = 0) -> None:
         """Draw the coefficient stream segment by segment and apply the map to each."""
@@ -193,18 +199,7 @@ class LinearMap:
     def _apply(self, srcs: Sequence[U8], out: U8) -> None:
         """out = matrix @ srcs for fully materialised sources."""
         length = out.shape[1]
-        done = 0
-        groups = length // GROUP
-        if self.backend != "numpy" and groups:
-            dst = out[:, 0].ctypes.data + np.arange(self.n_out, dtype=np.int64) * out.strides[0]
-            kernel = self._compiled(streaming=not (dst % 64).any(), aes=None)
-            ptrs = np.array([s.ctypes.data for s in srcs], dtype=np.int64)
-            strides = np.full(self.n_in, GROUP, dtype=np.int64)
-            kernel.fn(
-                ptrs.ctypes.data, strides.ctypes.data, dst.ctypes.data, self._coef.ctypes.data,
-                self.n_in, self.n_out, groups, 0, 0, 0, 0,
-            )
-            done = groups * GROUP
+        done = 0 if self.backend == "numpy" else self._kernel_groups(srcs, out, None, 0, 0, None)
         for lo in range(done, length, _NUMPY_PIECE):
             hi = min(length, lo + _NUMPY_PIECE)
             piece = out[:, lo:hi]
