@@ -152,3 +152,23 @@ def test_unaligned_and_strided_outputs(backend):
     linmap.LinearMap(matrix, backend).apply(sources, out)
     assert np.array_equal(out, reference(matrix, sources))
     assert not raw[:, :3].any() and not raw[:, 3 + length :].any()  # nothing written outside
+
+
+def test_pure_numpy_path_needs_no_jit():
+    """QSTORE_KERNEL=numpy: sharing works and llvmlite is never even imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from qstore import sharing\n"
+        "data = bytes(range(256)) * 5000\n"
+        "shares = sharing.split(data, 5, 3)\n"
+        "assert sharing.combine(shares[2:]) == data\n"
+        "assert sharing.combine(shares) == data\n"
+        "print('llvmlite' in sys.modules)\n"
+    )
+    env = {**__import__("os").environ, "QSTORE_KERNEL": "numpy"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "False"
