@@ -1,0 +1,270 @@
+"""The QKD network as a cluster file describes it: sites, links, key pools, relay routes.
+
+Sans-IO: loading a config, turning each link's physics into a secure key
+rate, finding relay routes and stepping key pools along a simulated clock
+are pure computations. The KME processes (:mod:`qkd_sim.kme`) and the
+`qstore qkd simulate` command build on them.
+
+Cluster file (TOML, ``deploy/*.toml``)::
+
+    [cluster]
+    name = "tokyo"
+    k = 3                      # file threshold (used by the storage layer)
+
+    [[sites]]
+    name = "otemachi"
+    host = "127.0.0.1"         # where the site's processes run
+
+    [[links]]
+    a = "koganei"
+    b = "otemachi"
+    length_km = 45
+    protocol = "decoy-bb84"    # a name from qkd_sim.models.PROTOCOLS
+    hardware = "gys"           # a preset of qkd_sim.models.PRESETS
+    loss_db_per_km = 0.3       # optional: overrides the preset's fiber loss
+    capacity_bits = 1e9        # pool size at each end (default 2^33 bits = 1 GiB)
+    # or, instead of physics: rate = "unlimited" / rate_bps = 1e6
+
+Trusted-node relay: two sites without a direct link get key through a
+chain of links; every hop spends its own link's key (one-time pad hop by
+hop, as on the Tokyo QKD Network), so a route's throughput is the minimum
+of its links' free rates. :func:`Network.route` finds the widest path (the
+route whose weakest link is strongest), breaking ties by fewer hops.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import tomllib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from qstore.errors import LocalError
+
+DEFAULT_CAPACITY_BITS = float(2**33)
+UNLIMITED = math.inf
+
+
+class ConfigError(LocalError):
+    """A cluster file that cannot be used, with the place that is wrong."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Site:
+    name: str
+    host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"site name {self.name!r}: use letters, digits, '-' and '_'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Link:
+    """A QKD link between two sites: physics (length, protocol, hardware) or a fixed rate."""
+
+    a: str
+    b: str
+    length_km: float = 0.0
+    protocol: str | None = None
+    hardware: str | None = None
+    loss_db_per_km: float | None = None
+    rate_bps: float | None = None  # fixed rate; math.inf = unlimited
+    capacity_bits: float = DEFAULT_CAPACITY_BITS
+
+    def __post_init__(self) -> None:
+        if self.a == self.b:
+            raise ConfigError(f"link {self.a}-{self.b}: a link joins two different sites")
+        if self.rate_bps is None and self.protocol is None:
+            raise ConfigError(f"link {self.name}: give either protocol (+ length_km) or rate/rate_bps")
+        if self.rate_bps is not None and not self.rate_bps >= 0:
+            raise ConfigError(f"link {self.name}: rate_bps must be >= 0")
+        if not self.length_km >= 0:
+            raise ConfigError(f"link {self.name}: length_km must be >= 0")
+        if not self.capacity_bits > 0:
+            raise ConfigError(f"link {self.name}: capacity_bits must be > 0")
+
+    @property
+    def name(self) -> str:
+        return f"{self.a}-{self.b}"
+
+    def joins(self, site: str) -> str | None:
+        """The other end when ``site`` is one end, else None."""
+        return self.b if site == self.a else self.a if site == self.b else None
+
+
+RateFunction = Callable[[Link], float]
+
+
+def physical_rate(link: Link) -> float:
+    """Secure key rate in bits/s of a link from :mod:`qkd_sim.models` (or its fixed rate)."""
+    if link.rate_bps is not None:
+        return link.rate_bps
+    from qkd_sim import models
+
+    hardware = models.PRESETS[link.hardware or "gys"]
+    if link.loss_db_per_km is not None:
+        hardware = replace(hardware, fiber_loss_db_per_km=link.loss_db_per_km)
+    return float(models.key_rate_bps(link.protocol, link.length_km, hardware))
+
+
+@dataclass(frozen=True)
+class Network:
+    """Sites and links, with a key rate for every link."""
+
+    name: str
+    k: int
+    sites: tuple[Site, ...]
+    links: tuple[Link, ...]
+    rates: dict[str, float] = field(repr=False)
+
+    @classmethod
+    def build(
+        cls, name: str, k: int, sites: Iterable[Site], links: Iterable[Link],
+        rate: RateFunction = physical_rate,
+    ) -> Network:
+        sites, links = tuple(sites), tuple(links)
+        names = [s.name for s in sites]
+        if len(set(names)) != len(names):
+            raise ConfigError("two sites have the same name")
+        seen = set()
+        for link in links:
+            for end in (link.a, link.b):
+                if end not in names:
+                    raise ConfigError(f"link {link.name}: unknown site {end!r}")
+            pair = frozenset((link.a, link.b))
+            if pair in seen:
+                raise ConfigError(f"link {link.name}: the two sites are already linked")
+            seen.add(pair)
+        return cls(name=name, k=k, sites=sites, links=links, rates={lk.name: rate(lk) for lk in links})
+
+    @classmethod
+    def from_toml(cls, path: str | Path, rate: RateFunction = physical_rate) -> Network:
+        try:
+            doc = tomllib.loads(Path(path).read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        return cls.from_dict(doc, rate, source=str(path))
+
+    @classmethod
+    def from_dict(cls, doc: dict, rate: RateFunction = physical_rate, source: str = "config") -> Network:
+        cluster = doc.get("cluster", {})
+        try:
+            sites = [Site(**_known(s, Site, f"{source}: [[sites]]")) for s in doc.get("sites", [])]
+            links = [_link(entry, source) for entry in doc.get("links", [])]
+        except TypeError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        if not sites:
+            raise ConfigError(f"{source}: no [[sites]]")
+        k = cluster.get("k", 3)
+        if not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= 255:
+            raise ConfigError(f"{source}: [cluster] k must be an integer from 2 to 255")
+        return cls.build(str(cluster.get("name", Path(source).stem)), k, sites, links, rate)
+
+    def link(self, a: str, b: str) -> Link | None:
+        return next((lk for lk in self.links if {lk.a, lk.b} == {a, b}), None)
+
+    def neighbours(self, site: str) -> list[tuple[str, Link]]:
+        return [(other, lk) for lk in self.links if (other := lk.joins(site)) is not None]
+
+    def route(self, src: str, dst: str) -> list[str]:
+        """Widest path from src to dst (list of sites), fewest hops among equals.
+
+        Raises ConfigError when no chain of links joins them.
+        """
+        if src == dst:
+            return [src]
+        best: dict[str, tuple[float, int]] = {src: (math.inf, 0)}
+        prev: dict[str, str] = {}
+        heap = [(-math.inf, 0, src)]
+        while heap:
+            neg_width, hops, site = heapq.heappop(heap)
+            if (-neg_width, hops) != best.get(site):
+                continue
+            for other, lk in self.neighbours(site):
+                cand = (min(-neg_width, self.rates[lk.name]), hops + 1)
+                old = best.get(other)
+                if old is None or cand[0] > old[0] or (cand[0] == old[0] and cand[1] < old[1]):
+                    best[other] = cand
+                    prev[other] = site
+                    heapq.heappush(heap, (-cand[0], cand[1], other))
+        if dst not in best:
+            raise ConfigError(f"no chain of QKD links joins {src} and {dst}")
+        path = [dst]
+        while path[-1] != src:
+            path.append(prev[path[-1]])
+        return path[::-1]
+
+    def route_rate(self, path: list[str]) -> float:
+        """Key rate (bits/s) a relay route can carry: its weakest hop."""
+        hops = (self.link(a, b) for a, b in itertools.pairwise(path))
+        return min((self.rates[hop.name] for hop in hops if hop is not None), default=math.inf)
+
+
+def _known(entry: dict, cls: type, where: str) -> dict:
+    allowed = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+    unknown = set(entry) - allowed
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    return entry
+
+
+def _link(entry: dict, source: str) -> Link:
+    entry = dict(entry)
+    rate = entry.pop("rate", None)
+    if rate is not None:
+        if rate != "unlimited":
+            raise ConfigError(f"{source}: link rate must be \"unlimited\" (or use rate_bps)")
+        entry["rate_bps"] = UNLIMITED
+    return Link(**_known(entry, Link, f"{source}: [[links]]"))
+
+
+@dataclass(frozen=True)
+class PoolTrace:
+    """Pool levels (bits) per link at each simulated time step."""
+
+    times_s: tuple[float, ...]
+    levels: dict[str, tuple[float, ...]]
+    starved: dict[str, float]  # link -> seconds during which demand was not met
+
+
+def simulate(
+    net: Network,
+    hours: float,
+    *,
+    step_s: float = 60.0,
+    demand_bps: dict[str, float] | None = None,
+    start_full: bool = False,
+) -> PoolTrace:
+    """Step every link's pool along a simulated clock: fill at the link's rate up
+    to its capacity, drain by the demand on that link (bits/s).
+
+    Demand for a pair of sites without a direct link is charged to every hop of
+    its relay route. Returns the level of every pool at every step.
+    """
+    if not hours > 0 or not step_s > 0:
+        raise ConfigError("hours and step must be positive")
+    load = {lk.name: 0.0 for lk in net.links}
+    for pair, bps in (demand_bps or {}).items():
+        a, _, b = pair.partition("-")
+        path = net.route(a, b)
+        for x, y in itertools.pairwise(path):
+            load[net.link(x, y).name] += bps  # type: ignore[union-attr]
+    steps = max(1, round(hours * 3600 / step_s))
+    level = {lk.name: (lk.capacity_bits if start_full else 0.0) for lk in net.links}
+    starved = {name: 0.0 for name in level}
+    times, levels = [0.0], {name: [v] for name, v in level.items()}
+    for i in range(1, steps + 1):
+        for lk in net.links:
+            rate = net.rates[lk.name]
+            filled = level[lk.name] + (rate * step_s if math.isfinite(rate) else lk.capacity_bits)
+            need = load[lk.name] * step_s
+            if need > filled:
+                starved[lk.name] += step_s * (1 - filled / need) if need else 0.0
+            level[lk.name] = min(lk.capacity_bits, max(0.0, filled - need))
+            levels[lk.name].append(level[lk.name])
+        times.append(i * step_s)
+    return PoolTrace(tuple(times), {k: tuple(v) for k, v in levels.items()}, starved)
