@@ -1,0 +1,669 @@
+"""ETSI GS QKD 014 V1.1.1 key delivery: messages and the KME's logic, without I/O.
+
+Messages are frozen, keyword-only dataclasses with the standard's field names
+(``source_KME_ID``, ``key_IDs``, ...), built by strict parsers: a body that is
+not exactly the data format of the standard (unknown or duplicate fields, wrong
+types, floats where integers belong, NaN, bad base64, IDs that are not UUIDs)
+raises :class:`EtsiError` and nothing else (status 400, with an ETSI
+``Error`` body). Sizes are in bits, as in the standard.
+
+:class:`KMECore` implements the three methods for one KME,
+
+* Get status  ``GET  /api/v1/keys/{slave_SAE_ID}/status``
+* Get key     ``POST|GET /api/v1/keys/{slave_SAE_ID}/enc_keys``  (caller = master SAE)
+* Get key with key IDs ``POST|GET /api/v1/keys/{master_SAE_ID}/dec_keys`` (caller = slave SAE)
+
+given the calling SAE's ID (from its TLS client certificate) and ``now``.
+Answers follow the standard: 200 with the response data, 400 with an Error
+for a request the KME will not serve as asked, 401 (no body: an unknown
+caller learns nothing) when the caller is not an SAE of this KME or asks for
+keys made for another SAE pair, 503 with an Error when the key pool cannot
+serve the whole request now. Requests are all or nothing.
+
+Not supported, refused with 400 as the standard allows: key multicast
+(``additional_slave_SAE_IDs``; ``max_SAE_ID_count`` is 0), any
+``extension_mandatory`` parameter, and SAE pairs whose KMEs share no direct
+QKD link (trusted-node relay is not implemented yet).
+"""
+
+from __future__ import annotations
+
+import binascii
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from qkd_sim.pool import MAX_KEY_BITS, KeyIDNotYours, LinkConfig, LinkPool
+from qstore.errors import LocalError, RemoteError
+
+MAX_REQUEST_BYTES = 1 << 20
+"""Largest request body a KME parses (a Key IDs list of thousands of IDs fits)."""
+MAX_ID_LENGTH = 64
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+_DECIMAL = re.compile(r"[0-9]{1,10}")
+
+JSONObject = dict[str, Any]
+
+
+class EtsiError(RemoteError):
+    """A request refused with 400 and an ETSI ``Error`` body (``message``, ``details``)."""
+
+    status = 400
+
+    def __init__(self, message: str, details: Iterable[JSONObject] = ()):
+        self.message = message
+        self.details = tuple(details)
+        super().__init__(message)
+
+
+class NoDirectLink(EtsiError):
+    """The two SAEs' KMEs share no QKD link and key relay is not implemented."""
+
+
+class Unauthorized(RemoteError):
+    """401 with no body: the caller is not an SAE of this KME, or the keys are not its."""
+
+    status = 401
+
+    def __init__(self) -> None:
+        super().__init__("unauthorized")
+
+
+def is_id(value: object) -> bool:
+    """An SAE or KME ID we accept: 1-64 of ``[A-Za-z0-9._-]``, starting alphanumeric.
+
+    The standard leaves IDs free-form; we bound them so that they fit a
+    certificate CN and a URL path segment unescaped.
+    """
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
+
+
+def _shown(value: object) -> str:
+    return value if is_id(value) else "<malformed>"  # type: ignore[return-value]
+
+
+# -- strict JSON --------------------------------------------------------------
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> JSONObject:
+    out: JSONObject = {}
+    for k, v in pairs:
+        if k in out:
+            raise EtsiError("duplicate field in JSON object", [{"field": k[:MAX_ID_LENGTH]}])
+        out[k] = v
+    return out
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise EtsiError("number out of range")
+    return value
+
+
+def _no_constant(name: str) -> None:
+    raise EtsiError(f"{name} is not JSON")
+
+
+def loads(body: bytes | bytearray | memoryview | str, *, limit: int = MAX_REQUEST_BYTES) -> object:
+    """Parse a JSON body strictly: UTF-8, no duplicate fields, no NaN/Infinity, at most ``limit``."""
+    if isinstance(body, bytes | bytearray | memoryview):
+        if len(body) > limit:
+            raise EtsiError(f"body longer than {limit} bytes")
+        try:
+            text = bytes(body).decode("utf-8")
+        except UnicodeDecodeError:
+            raise EtsiError("body is not UTF-8") from None
+    elif isinstance(body, str):
+        if len(body) > limit:
+            raise EtsiError(f"body longer than {limit} bytes")
+        text = body
+    else:
+        raise EtsiError("body must be JSON text")
+    try:
+        return json.loads(text, object_pairs_hook=_pairs, parse_float=_finite, parse_constant=_no_constant)
+    except EtsiError:
+        raise
+    except (ValueError, RecursionError):
+        raise EtsiError("body is not valid JSON") from None
+
+
+def dumps(obj: object) -> bytes:
+    """Compact JSON, never NaN."""
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _object(data: object, what: str, required: Iterable[str], optional: Iterable[str] = ()) -> JSONObject:
+    if not isinstance(data, dict):
+        raise EtsiError(f"{what} must be a JSON object")
+    required, allowed = set(required), set(required) | set(optional)
+    unknown = sorted(k for k in data if k not in allowed)
+    if unknown:
+        raise EtsiError(f"unknown field(s) in {what}", [{"unknown_fields": _names(unknown)}])
+    missing = sorted(required - set(data))
+    if missing:
+        raise EtsiError(f"missing field(s) in {what}", [{"missing_fields": missing}])
+    return data
+
+
+def _names(names: Iterable[str]) -> list[str]:
+    """At most 16 names, each cut to 64 characters, to echo in ``details``."""
+    return [n[:MAX_ID_LENGTH] for n in list(names)[:16]]
+
+
+def _parsed(data: object) -> object:
+    return loads(data) if isinstance(data, bytes | bytearray | memoryview | str) else data
+
+
+def _build(cls: type, **fields: Any) -> Any:
+    """Construct a message from remote input: a validation failure is the remote's (400)."""
+    try:
+        return cls(**fields)
+    except LocalError as exc:
+        raise EtsiError(str(exc)) from None
+
+
+# -- field checks (LocalError: wrong values given to a constructor) -------------
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _int(name: str, v: object, lo: int = 0, hi: int = 2**63 - 1) -> None:
+    if not _is_int(v) or not lo <= v <= hi:  # type: ignore[operator]
+        raise LocalError(f"{name} must be an integer in [{lo}, {hi}]")
+
+
+def _id(name: str, v: object) -> None:
+    if not is_id(v):
+        raise LocalError(f"{name} must be 1-{MAX_ID_LENGTH} characters of [A-Za-z0-9._-]")
+
+
+def _ext(name: str, v: object, *, optional: bool = True) -> None:
+    if v is None and optional:
+        return
+    if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+        raise LocalError(f"{name} must be a JSON object")
+
+
+def _ext_list(name: str, v: object) -> tuple[JSONObject, ...]:
+    if not isinstance(v, list | tuple):
+        raise LocalError(f"{name} must be an array of objects")
+    for item in v:
+        _ext(name, item, optional=False)
+    return tuple(v)
+
+
+def canonical_key_id(v: object) -> str:
+    """The lowercase 8-4-4-4-12 form of a key_ID (LocalError if it is not a UUID)."""
+    if not isinstance(v, str) or not _UUID.fullmatch(v):
+        raise LocalError("key_ID must be a UUID (8-4-4-4-12 hexadecimal)")
+    return v.lower()
+
+
+# -- messages ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Status:
+    """Status data format (GS QKD 014 §6.1): what a master SAE may ask for a slave SAE."""
+
+    source_KME_ID: str
+    target_KME_ID: str
+    master_SAE_ID: str
+    slave_SAE_ID: str
+    key_size: int
+    stored_key_count: int
+    max_key_count: int
+    max_key_per_request: int
+    max_key_size: int
+    min_key_size: int
+    max_SAE_ID_count: int
+    status_extension: JSONObject | None = None
+
+    _IDS = ("source_KME_ID", "target_KME_ID", "master_SAE_ID", "slave_SAE_ID")
+    _INTS = ("key_size", "stored_key_count", "max_key_count", "max_key_per_request",
+             "max_key_size", "min_key_size", "max_SAE_ID_count")
+
+    def __post_init__(self) -> None:
+        for name in self._IDS:
+            _id(name, getattr(self, name))
+        for name in self._INTS:
+            _int(name, getattr(self, name))
+        _ext("status_extension", self.status_extension)
+
+    def to_json(self) -> JSONObject:
+        out = {name: getattr(self, name) for name in self._IDS + self._INTS}
+        if self.status_extension is not None:
+            out["status_extension"] = self.status_extension
+        return out
+
+    @classmethod
+    def from_json(cls, data: object) -> Status:
+        obj = _object(_parsed(data), "Status", cls._IDS + cls._INTS, ("status_extension",))
+        return _build(cls, **obj)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyRequest:
+    """Key request data format (§6.2), the parameters of Get key. ``size`` None: the KME's key_size."""
+
+    number: int = 1
+    size: int | None = None
+    additional_slave_SAE_IDs: tuple[str, ...] = ()
+    extension_mandatory: tuple[JSONObject, ...] = ()
+    extension_optional: tuple[JSONObject, ...] = ()
+
+    def __post_init__(self) -> None:
+        _int("number", self.number, 1, 2**31 - 1)
+        if self.size is not None:
+            _int("size", self.size, 1, 2**31 - 1)
+        if not isinstance(self.additional_slave_SAE_IDs, list | tuple):
+            raise LocalError("additional_slave_SAE_IDs must be an array of SAE IDs")
+        for sae in self.additional_slave_SAE_IDs:
+            _id("additional_slave_SAE_IDs[]", sae)
+        object.__setattr__(self, "additional_slave_SAE_IDs", tuple(self.additional_slave_SAE_IDs))
+        for name in ("extension_mandatory", "extension_optional"):
+            object.__setattr__(self, name, _ext_list(name, getattr(self, name)))
+
+    def to_json(self) -> JSONObject:
+        out: JSONObject = {"number": self.number}
+        if self.size is not None:
+            out["size"] = self.size
+        if self.additional_slave_SAE_IDs:
+            out["additional_slave_SAE_IDs"] = list(self.additional_slave_SAE_IDs)
+        if self.extension_mandatory:
+            out["extension_mandatory"] = list(self.extension_mandatory)
+        if self.extension_optional:
+            out["extension_optional"] = list(self.extension_optional)
+        return out
+
+    @classmethod
+    def from_json(cls, data: object) -> KeyRequest:
+        """The POST body of Get key."""
+        obj = _object(_parsed(data), "Key request", (), ("number", "size", "additional_slave_SAE_IDs",
+                                                         "extension_mandatory", "extension_optional"))
+        return _build(cls, **obj)
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, str]) -> KeyRequest:
+        """The GET form of Get key: optional ``number`` and ``size``, decimal, each at most once."""
+        params = _query(query, ("number", "size"))
+        return _build(cls, **{k: int(v) for k, v in params.items()})
+
+    def to_query(self) -> dict[str, str]:
+        if self.additional_slave_SAE_IDs or self.extension_mandatory or self.extension_optional:
+            raise LocalError("only number and size can be sent with GET; use POST")
+        out = {"number": str(self.number)}
+        if self.size is not None:
+            out["size"] = str(self.size)
+        return out
+
+
+def _query(query: Mapping[str, str], allowed: tuple[str, ...]) -> dict[str, str]:
+    keys = list(query.keys())
+    unknown = sorted({k for k in keys if k not in allowed})
+    if unknown:
+        raise EtsiError("unknown query parameter(s)", [{"unknown_parameters": _names(unknown)}])
+    if len(set(keys)) != len(keys):
+        raise EtsiError("a query parameter is given twice")
+    out = {}
+    for k in keys:
+        v = query[k]
+        if k == "key_ID":
+            out[k] = v
+        elif not isinstance(v, str) or not _DECIMAL.fullmatch(v):
+            raise EtsiError(f"query parameter {k} must be a decimal integer", [{k: "not a decimal integer"}])
+        else:
+            out[k] = v
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyIDEntry:
+    """One element of ``key_IDs``: the key_ID (stored lowercase) and its optional extension."""
+
+    key_ID: str
+    key_ID_extension: JSONObject | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key_ID", canonical_key_id(self.key_ID))
+        _ext("key_ID_extension", self.key_ID_extension)
+
+    def to_json(self) -> JSONObject:
+        out: JSONObject = {"key_ID": self.key_ID}
+        if self.key_ID_extension is not None:
+            out["key_ID_extension"] = self.key_ID_extension
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyIDs:
+    """Key IDs data format (§6.4), the parameters of Get key with key IDs."""
+
+    key_IDs: tuple[KeyIDEntry, ...]
+    key_IDs_extension: JSONObject | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key_IDs, list | tuple) or not self.key_IDs:
+            raise LocalError("key_IDs must be a non-empty array")
+        if not all(isinstance(e, KeyIDEntry) for e in self.key_IDs):
+            raise LocalError("key_IDs holds KeyIDEntry objects")
+        object.__setattr__(self, "key_IDs", tuple(self.key_IDs))
+        _ext("key_IDs_extension", self.key_IDs_extension)
+
+    @classmethod
+    def of(cls, key_ids: Iterable[str]) -> KeyIDs:
+        """A request for these key_IDs, without extensions."""
+        return cls(key_IDs=tuple(KeyIDEntry(key_ID=k) for k in key_ids))
+
+    @property
+    def ids(self) -> list[str]:
+        return [e.key_ID for e in self.key_IDs]
+
+    def to_json(self) -> JSONObject:
+        out: JSONObject = {"key_IDs": [e.to_json() for e in self.key_IDs]}
+        if self.key_IDs_extension is not None:
+            out["key_IDs_extension"] = self.key_IDs_extension
+        return out
+
+    @classmethod
+    def from_json(cls, data: object) -> KeyIDs:
+        obj = _object(_parsed(data), "Key IDs", ("key_IDs",), ("key_IDs_extension",))
+        entries = obj["key_IDs"]
+        if not isinstance(entries, list):
+            raise EtsiError("key_IDs must be an array")
+        built = tuple(
+            _build(KeyIDEntry, **_object(e, "key_IDs element", ("key_ID",), ("key_ID_extension",)))
+            for e in entries
+        )
+        return _build(cls, key_IDs=built, key_IDs_extension=obj.get("key_IDs_extension"))
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, str]) -> KeyIDs:
+        """The GET form of Get key with key IDs: exactly one ``key_ID``."""
+        params = _query(query, ("key_ID",))
+        if "key_ID" not in params:
+            raise EtsiError("missing query parameter key_ID")
+        return _build(cls, key_IDs=(_build(KeyIDEntry, key_ID=params["key_ID"]),))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Key:
+    """One element of ``keys`` in a Key container; ``key`` is raw bytes (base64 on the wire)."""
+
+    key_ID: str
+    key: bytes = field(repr=False)
+    key_ID_extension: JSONObject | None = None
+    key_extension: JSONObject | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key_ID", canonical_key_id(self.key_ID))
+        if not isinstance(self.key, bytes) or not self.key:
+            raise LocalError("key must be non-empty bytes")
+        _ext("key_ID_extension", self.key_ID_extension)
+        _ext("key_extension", self.key_extension)
+
+    def to_json(self) -> JSONObject:
+        out: JSONObject = {"key_ID": self.key_ID}
+        if self.key_ID_extension is not None:
+            out["key_ID_extension"] = self.key_ID_extension
+        out["key"] = binascii.b2a_base64(self.key, newline=False).decode("ascii")
+        if self.key_extension is not None:
+            out["key_extension"] = self.key_extension
+        return out
+
+    @classmethod
+    def from_json(cls, data: object) -> Key:
+        obj = _object(data, "keys element", ("key_ID", "key"), ("key_ID_extension", "key_extension"))
+        encoded = obj["key"]
+        if not isinstance(encoded, str):
+            raise EtsiError("key must be a base64 string")
+        try:
+            raw = binascii.a2b_base64(encoded.encode("ascii"), strict_mode=True)
+        except (binascii.Error, UnicodeEncodeError):
+            raise EtsiError("key is not valid base64") from None
+        return _build(cls, **{**obj, "key": raw})
+
+
+@dataclass(frozen=True, kw_only=True)
+class KeyContainer:
+    """Key container data format (§6.3): the answer of Get key and Get key with key IDs."""
+
+    keys: tuple[Key, ...]
+    key_container_extension: JSONObject | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.keys, list | tuple) or not all(isinstance(k, Key) for k in self.keys):
+            raise LocalError("keys must be an array of Key")
+        object.__setattr__(self, "keys", tuple(self.keys))
+        _ext("key_container_extension", self.key_container_extension)
+
+    def __repr__(self) -> str:
+        return f"KeyContainer(<{len(self.keys)} keys>)"
+
+    def to_json(self) -> JSONObject:
+        out: JSONObject = {"keys": [k.to_json() for k in self.keys]}
+        if self.key_container_extension is not None:
+            out["key_container_extension"] = self.key_container_extension
+        return out
+
+    @classmethod
+    def from_json(cls, data: object, *, limit: int = MAX_REQUEST_BYTES) -> KeyContainer:
+        """Parse a Key container (``limit`` bounds a raw body: size it to the keys asked for)."""
+        if isinstance(data, bytes | bytearray | memoryview | str):
+            data = loads(data, limit=limit)
+        obj = _object(data, "Key container", ("keys",), ("key_container_extension",))
+        if not isinstance(obj["keys"], list):
+            raise EtsiError("keys must be an array")
+        keys = tuple(Key.from_json(k) for k in obj["keys"])
+        return _build(cls, keys=keys, key_container_extension=obj.get("key_container_extension"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Error:
+    """Error data format (§6.5)."""
+
+    message: str
+    details: tuple[JSONObject, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.message, str):
+            raise LocalError("message must be a string")
+        object.__setattr__(self, "details", _ext_list("details", self.details))
+
+    def to_json(self) -> JSONObject:
+        out: JSONObject = {"message": self.message}
+        if self.details:
+            out["details"] = list(self.details)
+        return out
+
+    @classmethod
+    def from_json(cls, data: object) -> Error:
+        obj = _object(_parsed(data), "Error", ("message",), ("details",))
+        return _build(cls, message=obj["message"], details=obj.get("details", ()))
+
+    @classmethod
+    def of(cls, exc: BaseException) -> Error:
+        """The Error body for one of our exceptions (``details`` when it carries them)."""
+        details = getattr(exc, "details", ())
+        return cls(message=str(exc), details=tuple(details) if isinstance(details, tuple | list) else ())
+
+
+# -- the KME ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Limits:
+    """What one KME serves per request; sizes in bits, multiples of 8, at most 1 MiB."""
+
+    key_size: int = 256
+    min_key_size: int = 8
+    max_key_size: int = MAX_KEY_BITS
+    max_key_count: int = 100_000
+    max_key_per_request: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("key_size", "min_key_size", "max_key_size"):
+            v = getattr(self, name)
+            _int(name, v, 8, MAX_KEY_BITS)
+            if v % 8:
+                raise LocalError(f"{name} must be a multiple of 8")
+        if not self.min_key_size <= self.key_size <= self.max_key_size:
+            raise LocalError("need min_key_size <= key_size <= max_key_size")
+        _int("max_key_count", self.max_key_count, 1)
+        _int("max_key_per_request", self.max_key_per_request, 1, 1 << 20)
+
+
+class KMECore:
+    """One KME's key delivery: its SAEs, the SAE directory, its links' pools and limits.
+
+    ``directory`` maps SAE IDs to the ID of the KME they are attached to (this
+    KME's own SAEs are added). Pairs of SAEs on this KME get keys from a local
+    pool seeded with ``local_seed`` (random when None): no link is involved.
+    Methods are synchronous and complete, so an event loop serialises them and
+    no key is handed to two callers. Not thread-safe.
+    """
+
+    max_SAE_ID_count = 0
+
+    def __init__(
+        self,
+        *,
+        kme_id: str,
+        saes: Iterable[str],
+        directory: Mapping[str, str] = MappingProxyType({}),
+        links: Iterable[LinkConfig] = (),
+        limits: Limits | None = None,
+        local_seed: bytes | None = None,
+    ):
+        _id("kme_id", kme_id)
+        self.kme_id = kme_id
+        self.limits = limits or Limits()
+        self.saes = frozenset(saes)
+        for sae in self.saes:
+            _id("SAE ID", sae)
+        table = dict(directory)
+        for sae, kme in table.items():
+            _id("SAE ID", sae)
+            _id("KME ID", kme)
+        for sae in self.saes:
+            if table.setdefault(sae, kme_id) != kme_id:
+                raise LocalError(f"SAE {sae} is attached here, but the directory puts it at {table[sae]}")
+        self.directory: Mapping[str, str] = MappingProxyType(table)
+        self._out: dict[str, LinkPool] = {}
+        self._in: dict[str, LinkPool] = {}
+        for link in links:
+            if link.peer == kme_id or link.peer in self._out:
+                raise LocalError(f"link to {link.peer}: a link joins this KME to another KME, once")
+            self._out[link.peer], self._in[link.peer] = link.pools(kme_id)
+        capacity = self.limits.max_key_count * self.limits.key_size
+        local = LinkPool(seed=local_seed or os.urandom(32), master_kme=kme_id, slave_kme=kme_id,
+                         capacity_bits=capacity, initial_bits=capacity)
+        self._out[kme_id] = self._in[kme_id] = local
+
+    def __repr__(self) -> str:
+        peers = sorted(self._out.keys() - {self.kme_id})
+        return f"KMECore({self.kme_id}, saes={len(self.saes)}, links={peers})"
+
+    def authorize(self, caller: str | None) -> str:
+        """The caller's SAE ID if it is an SAE of this KME, else :class:`Unauthorized`."""
+        if caller is None or caller not in self.saes:
+            raise Unauthorized()
+        return caller
+
+    def _kme_of(self, sae: str, role: str) -> str:
+        kme = self.directory.get(sae) if is_id(sae) else None
+        if kme is None:
+            raise EtsiError(f"unknown {role} {_shown(sae)}", [{role: _shown(sae)}])
+        return kme
+
+    def _pool(self, pools: dict[str, LinkPool], kme: str) -> LinkPool:
+        pool = pools.get(kme)
+        if pool is None:
+            raise NoDirectLink(
+                f"no direct QKD link between KME {self.kme_id} and KME {kme} (key relay is not supported)",
+                [{"source_KME_ID": self.kme_id, "target_KME_ID": kme}],
+            )
+        return pool
+
+    def pool_to(self, slave_SAE_ID: str) -> LinkPool:
+        """The master end of the direction that serves keys for ``slave_SAE_ID``."""
+        return self._pool(self._out, self._kme_of(slave_SAE_ID, "slave_SAE_ID"))
+
+    def status(self, caller: str | None, slave_SAE_ID: str, now: float) -> Status:
+        """Get status: key available to ``caller`` (master) for ``slave_SAE_ID``."""
+        master = self.authorize(caller)
+        target = self._kme_of(slave_SAE_ID, "slave_SAE_ID")
+        pool = self._pool(self._out, target)
+        lim = self.limits
+        max_count = lim.max_key_count
+        if math.isfinite(pool.capacity_bits):
+            max_count = min(max_count, int(pool.capacity_bits // lim.key_size))
+        avail = pool.available_bits(now)
+        stored = max_count if avail >= max_count * lim.key_size else int(avail // lim.key_size)
+        return Status(
+            source_KME_ID=self.kme_id, target_KME_ID=target, master_SAE_ID=master,
+            slave_SAE_ID=slave_SAE_ID, key_size=lim.key_size, stored_key_count=stored,
+            max_key_count=max_count, max_key_per_request=lim.max_key_per_request,
+            max_key_size=lim.max_key_size, min_key_size=lim.min_key_size,
+            max_SAE_ID_count=self.max_SAE_ID_count,
+        )
+
+    def enc_keys(
+        self, caller: str | None, slave_SAE_ID: str, request: KeyRequest, now: float
+    ) -> KeyContainer:
+        """Get key: ``request.number`` new keys for ``caller`` (master) and ``slave_SAE_ID``."""
+        master = self.authorize(caller)
+        target = self._kme_of(slave_SAE_ID, "slave_SAE_ID")
+        if slave_SAE_ID == master:
+            raise EtsiError("slave_SAE_ID must differ from the calling master SAE")
+        lim = self.limits
+        if request.additional_slave_SAE_IDs:
+            raise EtsiError("key multicast (additional_slave_SAE_IDs) is not supported",
+                            [{"max_SAE_ID_count": self.max_SAE_ID_count}])
+        if request.extension_mandatory:
+            names = sorted({k[:MAX_ID_LENGTH] for ext in request.extension_mandatory for k in ext})
+            raise EtsiError("not all extension_mandatory parameters are supported",
+                            [{"extension_mandatory_unsupported": names[:16]}])
+        if request.number > lim.max_key_per_request:
+            raise EtsiError(f"number {request.number} exceeds max_key_per_request {lim.max_key_per_request}",
+                            [{"number": request.number, "max_key_per_request": lim.max_key_per_request}])
+        size = lim.key_size if request.size is None else request.size
+        if size % 8:
+            raise EtsiError(f"size {size} is not a multiple of 8", [{"size": size, "multiple_of": 8}])
+        if not lim.min_key_size <= size <= lim.max_key_size:
+            raise EtsiError(
+                f"size {size} is outside [{lim.min_key_size}, {lim.max_key_size}]",
+                [{"size": size, "min_key_size": lim.min_key_size, "max_key_size": lim.max_key_size}],
+            )
+        pool = self._pool(self._out, target)
+        need = request.number * size
+        if need > pool.capacity_bits:
+            raise EtsiError("request exceeds the key pool of the link",
+                            [{"requested_bits": need, "capacity_bits": int(pool.capacity_bits)}])
+        taken = pool.take(request.number, size, now, master_sae=master, slave_sae=slave_SAE_ID)
+        return KeyContainer(keys=tuple(Key(key_ID=kid, key=key) for kid, key in taken))
+
+    def dec_keys(self, caller: str | None, master_SAE_ID: str, request: KeyIDs, now: float) -> KeyContainer:
+        """Get key with key IDs: the keys ``master_SAE_ID`` obtained for ``caller`` (slave)."""
+        slave = self.authorize(caller)
+        source = self._kme_of(master_SAE_ID, "master_SAE_ID")
+        ids = request.ids
+        most = self.limits.max_key_per_request
+        if len(ids) > most:
+            raise EtsiError(f"{len(ids)} key_IDs exceed max_key_per_request {most}",
+                            [{"key_IDs": len(ids), "max_key_per_request": most}])
+        pool = self._pool(self._in, source)
+        try:
+            keys = pool.lookup(ids, now, master_sae=master_SAE_ID, slave_sae=slave)
+        except KeyIDNotYours:
+            raise Unauthorized() from None
+        return KeyContainer(keys=tuple(Key(key_ID=kid, key=key) for kid, key in zip(ids, keys, strict=True)))

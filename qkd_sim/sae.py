@@ -1,0 +1,386 @@
+"""The SAE side of ETSI GS QKD 014: an async client of its KME over mutual TLS.
+
+:class:`SAEClient` speaks the three methods (``get_status``,
+``get_enc_keys``, ``get_dec_keys``) and returns keys as
+:class:`qstore.otp.QKDKey`. When the KME answers 503 (the link's pool is dry,
+or a key is not at this end yet) it backs off exponentially up to
+``SAEConfig.wait_s`` and then raises :class:`KeySupplyExhausted`, which names
+the SAE pair and the KMEs of the link that ran dry.
+
+Per peer it keeps a key buffer so that HTTP round trips do not bound
+throughput: :meth:`SAEClient.sender` tops up a :class:`~qstore.otp.KeyStream`
+for a slave SAE with batched ``enc_keys`` requests, and
+:meth:`SAEClient.receiver` fetches the keys an envelope names with
+``dec_keys`` in batches. Buffered key material lives only in those streams
+(wiped on :meth:`SAEClient.close`), never on disk; logs and exceptions carry
+key_IDs and counts, never key bytes.
+
+Usage::
+
+    async with SAEClient(config) as sae:
+        stream = await sae.sender("b1").ensure(32 + len(frame))
+        envelope = otp.seal(frame, stream)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from qkd_sim import pki
+from qkd_sim.etsi014 import Error as ErrorBody
+from qkd_sim.etsi014 import (
+    EtsiError,
+    KeyContainer,
+    KeyIDs,
+    KeyRequest,
+    Status,
+    canonical_key_id,
+    dumps,
+    is_id,
+)
+from qstore.errors import LocalError, RemoteError
+from qstore.otp import KeyRef, KeyStream, QKDKey
+
+log = logging.getLogger(__name__)
+
+_API = "/api/v1/keys"
+_SMALL_BODY = 1 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class SAEConfig:
+    """One SAE's identity, its KME and its key-buffer policy.
+
+    ``key_size``: bits per key asked by the send buffers (None: the KME's
+    default). ``batch``: at least this many keys per top-up. ``wait_s``: how
+    long to keep retrying on 503 before giving up; ``backoff_s`` doubles up to
+    ``backoff_max_s`` between tries. ``kme_id`` names the KME in messages
+    (learnt from its status answers when None).
+    """
+
+    sae_id: str
+    kme_url: str
+    cert: Path
+    key: Path
+    ca: Path
+    kme_id: str | None = None
+    key_size: int | None = None
+    batch: int = 16
+    wait_s: float = 30.0
+    backoff_s: float = 0.05
+    backoff_max_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not is_id(self.sae_id):
+            raise LocalError("sae_id must be 1-64 characters of [A-Za-z0-9._-]")
+        if not isinstance(self.kme_url, str) or not self.kme_url.startswith("https://"):
+            raise LocalError("kme_url must be an https:// URL")
+        object.__setattr__(self, "kme_url", self.kme_url.rstrip("/"))
+        for name in ("cert", "key", "ca"):
+            object.__setattr__(self, name, Path(getattr(self, name)))
+        if self.key_size is not None and (self.key_size <= 0 or self.key_size % 8):
+            raise LocalError("key_size must be a positive multiple of 8 bits")
+        if not isinstance(self.batch, int) or self.batch < 1:
+            raise LocalError("batch must be a positive integer")
+        if not (self.wait_s >= 0 and 0 < self.backoff_s <= self.backoff_max_s):
+            raise LocalError("need wait_s >= 0 and 0 < backoff_s <= backoff_max_s")
+
+
+class KMEError(RemoteError):
+    """The KME refused a request or could not be reached.
+
+    ``kme_status`` is the KME's HTTP status (None when unreachable), ``details``
+    the ETSI Error details. ``status`` (502) is what a service built on this
+    client should answer its own caller.
+    """
+
+    status = 502
+
+    def __init__(self, message: str, *, kme_status: int | None, details: Iterable[Mapping[str, Any]] = ()):
+        self.kme_status = kme_status
+        self.details = tuple(details)
+        super().__init__(message)
+
+
+class KeySupplyExhausted(KMEError):
+    """A link kept answering 503 until the deadline: the operation fails cleanly (503)."""
+
+    status = 503
+
+    def __init__(self, *, master: str, slave: str, link: str, waited_s: float, reason: str):
+        self.master = master
+        self.slave = slave
+        self.link = link
+        self.waited_s = waited_s
+        super().__init__(
+            f"no QKD key for SAE {master} → SAE {slave} (link {link}) after {waited_s:.1f} s: {reason}",
+            kme_status=503,
+        )
+
+
+class _Unavailable(Exception):
+    """One 503 answer (retried by the caller)."""
+
+    def __init__(self, message: str):
+        self.message = message
+        super().__init__(message)
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    if resp.content_length is not None and resp.content_length > limit:
+        raise KMEError(f"KME answer of {resp.content_length} bytes exceeds {limit}", kme_status=resp.status)
+    chunks, total = [], 0
+    async for chunk in resp.content.iter_chunked(1 << 16):
+        total += len(chunk)
+        if total > limit:
+            raise KMEError(f"KME answer exceeds {limit} bytes", kme_status=resp.status)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _container_limit(number: int, size_bits: int) -> int:
+    """Bound on a Key container body for ``number`` keys of ``size_bits``."""
+    return number * (4 * math.ceil(size_bits / 24) + 256) + 4096
+
+
+class SAEClient:
+    """An SAE's connection to its KME (use as ``async with``; one aiohttp session).
+
+    Pass ``session`` to share one; its connector must then present this SAE's
+    client certificate (:func:`qkd_sim.pki.client_ssl_context`), and it is not
+    closed here.
+    """
+
+    def __init__(self, config: SAEConfig, *, session: aiohttp.ClientSession | None = None):
+        self.config = config
+        self._session = session
+        self._own_session = session is None
+        self._status: dict[str, Status] = {}
+        self._senders: dict[str, SendBuffer] = {}
+        self._receivers: dict[str, ReceiveBuffer] = {}
+
+    def __repr__(self) -> str:
+        return f"SAEClient({self.config.sae_id} @ {self.config.kme_url})"
+
+    async def __aenter__(self) -> SAEClient:
+        if self._session is None:
+            ctx = pki.client_ssl_context(self.config.cert, self.config.key, self.config.ca)
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx))
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Wipe every buffered key and close the session (if this client opened it)."""
+        for buf in [*self._senders.values(), *self._receivers.values()]:
+            buf.stream.wipe()
+        if self._own_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def kme_name(self) -> str:
+        return self.config.kme_id or next((s.source_KME_ID for s in self._status.values()),
+                                          self.config.kme_url)
+
+    # -- HTTP -------------------------------------------------------------------
+
+    async def _call(self, method: str, path: str, *, limit: int, params: Mapping[str, str] | None = None,
+                    body: object = None) -> bytes:
+        if self._session is None:
+            raise LocalError("use the SAEClient inside 'async with'")
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data, headers["Content-Type"] = dumps(body), "application/json"
+        try:
+            async with self._session.request(method, self.config.kme_url + path, params=params, data=data,
+                                             headers=headers) as resp:
+                status = resp.status
+                payload = await _read_bounded(resp, limit if status == 200 else _SMALL_BODY)
+        except aiohttp.ClientError as exc:
+            raise KMEError(f"cannot reach KME at {self.config.kme_url}: {type(exc).__name__}",
+                           kme_status=None) from exc
+        if status == 200:
+            return payload
+        if status == 401:
+            raise KMEError(f"KME {self.kme_name} refused SAE {self.config.sae_id} (401 Unauthorized)",
+                           kme_status=401)
+        try:
+            err = ErrorBody.from_json(payload)
+            message, details = err.message, err.details
+        except EtsiError:
+            message, details = f"HTTP {status}", ()
+        if status == 503:
+            raise _Unavailable(message)
+        raise KMEError(f"KME {self.kme_name} answered {status}: {message}",
+                       kme_status=status, details=details)
+
+    def _link(self, peer: str, *, outbound: bool) -> str:
+        """``KME → KME`` in the direction keys flow, as far as we know the peer's KME."""
+        status = self._status.get(peer)
+        if status is None:
+            return f"KME {self.kme_name}"
+        ends = (status.source_KME_ID, status.target_KME_ID)
+        return " → ".join(ends if outbound else ends[::-1])
+
+    async def _retrying(self, call: Callable[[], Awaitable[bytes]], *, master: str, slave: str,
+                        peer: str, outbound: bool) -> bytes:
+        """Run ``call()`` again on 503, backing off, until ``wait_s`` has passed."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        delay = self.config.backoff_s
+        while True:
+            try:
+                return await call()
+            except _Unavailable as exc:
+                waited = loop.time() - started
+                remaining = self.config.wait_s - waited
+                if remaining <= 0:
+                    link = self._link(peer, outbound=outbound)
+                    raise KeySupplyExhausted(master=master, slave=slave, link=link, waited_s=waited,
+                                             reason=exc.message) from None
+                log.info("SAE %s: KME %s has no key for %s → %s yet (%s); retrying in %.2f s",
+                         self.config.sae_id, self.kme_name, master, slave, exc.message, min(delay, remaining))
+                await asyncio.sleep(min(delay, remaining))
+                delay = min(2 * delay, self.config.backoff_max_s)
+
+    @staticmethod
+    def _path(sae: str, method: str) -> str:
+        if not is_id(sae):
+            raise LocalError("an SAE ID is 1-64 characters of [A-Za-z0-9._-]")
+        return f"{_API}/{quote(sae, safe='')}/{method}"
+
+    # -- the three ETSI methods -------------------------------------------------
+
+    async def get_status(self, slave: str) -> Status:
+        """Get status for keys this SAE (master) can obtain for ``slave``. Cached for the buffers."""
+        payload = await self._call("GET", self._path(slave, "status"), limit=_SMALL_BODY)
+        try:
+            status = Status.from_json(payload)
+        except EtsiError as exc:
+            raise KMEError(f"KME sent a malformed Status: {exc}", kme_status=200) from None
+        self._status[slave] = status
+        return status
+
+    async def limits(self, peer: str) -> Status:
+        """The KME's status for ``peer``, asked once."""
+        status = self._status.get(peer)
+        return status if status is not None else await self.get_status(peer)
+
+    async def get_enc_keys(self, slave: str, number: int = 1, size: int | None = None) -> list[QKDKey]:
+        """Get key: ``number`` new keys of ``size`` bits (None: the KME's default) shared with ``slave``."""
+        request = KeyRequest(number=number, size=size)
+        size_bits = size if size is not None else (await self.limits(slave)).key_size
+
+        async def call() -> bytes:
+            return await self._call("POST", self._path(slave, "enc_keys"), body=request.to_json(),
+                                    limit=_container_limit(number, size_bits))
+
+        payload = await self._retrying(call, master=self.config.sae_id, slave=slave, peer=slave,
+                                       outbound=True)
+        keys = self._keys(payload, _container_limit(number, size_bits))
+        if len(keys) != number or len({k.key_id for k in keys}) != number:
+            raise KMEError(f"KME sent {len(keys)} distinct keys, {number} asked", kme_status=200)
+        if any(8 * len(k.key) != size_bits for k in keys):
+            raise KMEError(f"KME sent keys of another size than {size_bits} bits", kme_status=200)
+        return keys
+
+    async def get_dec_keys(self, master: str, key_ids: Iterable[str]) -> list[QKDKey]:
+        """Get key with key IDs: the keys ``master`` obtained for this SAE, in the order asked."""
+        ids = [canonical_key_id(k) for k in key_ids]
+        if not ids:
+            return []
+        limit = _SMALL_BODY + len(ids) * _container_limit(1, 8 * 2**20)
+
+        async def call() -> bytes:
+            return await self._call("POST", self._path(master, "dec_keys"),
+                                    body=KeyIDs.of(ids).to_json(), limit=limit)
+
+        payload = await self._retrying(call, master=master, slave=self.config.sae_id, peer=master,
+                                       outbound=False)
+        by_id = {k.key_id: k for k in self._keys(payload, limit)}
+        if set(by_id) != set(ids) or len(by_id) != len(ids):
+            raise KMEError("KME sent other keys than the key_IDs asked", kme_status=200)
+        return [by_id[k] for k in ids]
+
+    @staticmethod
+    def _keys(payload: bytes, limit: int) -> list[QKDKey]:
+        try:
+            container = KeyContainer.from_json(payload, limit=limit)
+        except EtsiError as exc:
+            raise KMEError(f"KME sent a malformed Key container: {exc}", kme_status=200) from None
+        return [QKDKey(k.key_ID, k.key) for k in container.keys]
+
+    # -- buffers ------------------------------------------------------------------
+
+    def sender(self, slave: str) -> SendBuffer:
+        """The send buffer of key shared with ``slave`` (this SAE as master)."""
+        if slave not in self._senders:
+            self._senders[slave] = SendBuffer(self, slave)
+        return self._senders[slave]
+
+    def receiver(self, master: str) -> ReceiveBuffer:
+        """The receive buffer of key ``master`` shares with this SAE (as slave)."""
+        if master not in self._receivers:
+            self._receivers[master] = ReceiveBuffer(self, master)
+        return self._receivers[master]
+
+
+@dataclass(eq=False)
+class SendBuffer:
+    """Key for one slave SAE, topped up by batched ``enc_keys`` requests."""
+
+    client: SAEClient
+    slave: str
+    stream: KeyStream = field(default_factory=KeyStream)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+    async def ensure(self, nbytes: int) -> KeyStream:
+        """The stream, holding at least ``nbytes`` unused bytes (fetching what is missing)."""
+        async with self._lock:
+            short = nbytes - self.stream.available()
+            if short > 0:
+                status = await self.client.limits(self.slave)
+                size = self.client.config.key_size or status.key_size
+                count = max(-(-short * 8 // size), self.client.config.batch)
+                while count > 0:
+                    n = min(count, status.max_key_per_request)
+                    for key in await self.client.get_enc_keys(self.slave, n, size):
+                        self.stream.add(key)
+                    count -= n
+        return self.stream
+
+
+@dataclass(eq=False)
+class ReceiveBuffer:
+    """Key from one master SAE, fetched with ``dec_keys`` when an envelope names it."""
+
+    client: SAEClient
+    master: str
+    stream: KeyStream = field(default_factory=KeyStream)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+    async def fetch(self, refs: Iterable[KeyRef]) -> KeyStream:
+        """The stream, holding every key the ``refs`` name (those not held are fetched)."""
+        async with self._lock:
+            missing = self.stream.missing(refs)
+            if missing:
+                status = await self.client.limits(self.master)
+                for i in range(0, len(missing), status.max_key_per_request):
+                    batch = missing[i : i + status.max_key_per_request]
+                    for key in await self.client.get_dec_keys(self.master, batch):
+                        self.stream.add(key)
+        return self.stream
