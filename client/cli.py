@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="split a sample file k-of-n, drop shares, rebuild, verify")
     demo.add_arguments(d, parse_size)
     d.set_defaults(handler=demo.run)
+    from client import qkd_cli
+
+    qkd_cli.add_parsers(sub)
     return parser
 
 
@@ -57,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler: Handler = args.handler
     try:
         return handler(args)
+    except BrokenPipeError:  # e.g. `qstore ... | head`: the reader has what it wanted
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("qstore: interrupted", file=sys.stderr)
         return 130

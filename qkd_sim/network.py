@@ -175,6 +175,9 @@ class Network:
 
         Raises ConfigError when no chain of links joins them.
         """
+        for site in (src, dst):
+            if site not in {s.name for s in self.sites}:
+                raise ConfigError(f"unknown site {site!r} (sites: {', '.join(s.name for s in self.sites)})")
         if src == dst:
             return [src]
         best: dict[str, tuple[float, int]] = {src: (math.inf, 0)}
