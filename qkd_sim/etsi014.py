@@ -21,9 +21,11 @@ keys made for another SAE pair, 503 with an Error when the key pool cannot
 serve the whole request now. Requests are all or nothing.
 
 Not supported, refused with 400 as the standard allows: key multicast
-(``additional_slave_SAE_IDs``; ``max_SAE_ID_count`` is 0), any
-``extension_mandatory`` parameter, and SAE pairs whose KMEs share no direct
-QKD link (trusted-node relay is not implemented yet).
+(``additional_slave_SAE_IDs``; ``max_SAE_ID_count`` is 0) and any
+``extension_mandatory`` parameter. :class:`KMECore` serves SAE pairs whose
+KMEs share a QKD link (or the same KME); pairs whose KMEs are joined only
+through trusted intermediate KMEs are served by :class:`qkd_sim.relay.RelayKME`,
+which wraps a KMECore, and refused here with 400 (:class:`NoDirectLink`).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class EtsiError(RemoteError):
 
 
 class NoDirectLink(EtsiError):
-    """The two SAEs' KMEs share no QKD link and key relay is not implemented."""
+    """The two SAEs' KMEs share no QKD link, and no relay route joins them."""
 
 
 class Unauthorized(RemoteError):
@@ -455,9 +457,35 @@ class KeyContainer:
             out["key_container_extension"] = self.key_container_extension
         return out
 
+    def to_json_bytes(self) -> bytes:
+        """``dumps(self.to_json())``, with the keys written directly.
+
+        key_IDs and base64 need no JSON escaping, so a key without extensions
+        is pasted in as is; the generic encoder would scan every character of
+        megabytes of base64.
+        """
+        parts = [b'{"keys":[']
+        for i, k in enumerate(self.keys):
+            if i:
+                parts.append(b",")
+            if k.key_ID_extension is None and k.key_extension is None:
+                parts += (_KEY_ID_FIELD, k.key_ID.encode("ascii"), _KEY_FIELD,
+                          binascii.b2a_base64(k.key, newline=False), b'"}')
+            else:
+                parts.append(dumps(k.to_json()))
+        parts.append(b"]")
+        if self.key_container_extension is not None:
+            parts += (b',"key_container_extension":', dumps(self.key_container_extension))
+        parts.append(b"}")
+        return b"".join(parts)
+
     @classmethod
     def from_json(cls, data: object, *, limit: int = MAX_REQUEST_BYTES) -> KeyContainer:
         """Parse a Key container (``limit`` bounds a raw body: size it to the keys asked for)."""
+        if isinstance(data, bytes | bytearray) and len(data) <= limit:
+            keys = _compact_keys(data)
+            if keys is not None:
+                return cls(keys=keys)
         if isinstance(data, bytes | bytearray | memoryview | str):
             data = loads(data, limit=limit)
         obj = _object(data, "Key container", ("keys",), ("key_container_extension",))
@@ -465,6 +493,56 @@ class KeyContainer:
             raise EtsiError("keys must be an array")
         keys = tuple(Key.from_json(k) for k in obj["keys"])
         return _build(cls, keys=keys, key_container_extension=obj.get("key_container_extension"))
+
+
+_KEY_ID_FIELD = b'{"key_ID":"'
+_KEY_FIELD = b'","key":"'
+_KEYS_OPEN = b'{"keys":['
+_UUID_LENGTH = 36
+
+
+def _compact_keys(body: bytes | bytearray) -> tuple[Key, ...] | None:
+    """The keys of a Key container written exactly as :meth:`KeyContainer.to_json_bytes` writes one.
+
+    That is ``{"keys":[{"key_ID":"<UUID>","key":"<base64>"},...]}`` with no
+    whitespace, escapes or other fields: then the strict parser would return
+    the same keys, and this finds them with a few searches instead of scanning
+    every character. None for any other body (valid or not): the caller
+    parses it with the strict parser, which also makes the error.
+    """
+    end = len(body) - 2
+    if not body.startswith(_KEYS_OPEN) or body[end:] != b"]}":
+        return None
+    pos = len(_KEYS_OPEN)
+    if pos == end:
+        return ()
+    keys: list[Key] = []
+    with memoryview(body) as view:
+        while True:
+            id_at = pos + len(_KEY_ID_FIELD)
+            key_at = id_at + _UUID_LENGTH + len(_KEY_FIELD)
+            if not (body.startswith(_KEY_ID_FIELD, pos)
+                    and body.startswith(_KEY_FIELD, key_at - len(_KEY_FIELD))):
+                return None
+            key_end = body.find(b'"', key_at, end)
+            if key_end < 0 or body[key_end + 1] != 0x7D:  # "}"
+                return None
+            key_id = bytes(view[id_at : id_at + _UUID_LENGTH])
+            if not key_id.isascii() or not _UUID.fullmatch(key_id.decode("ascii")):
+                return None
+            try:
+                raw = binascii.a2b_base64(view[key_at:key_end], strict_mode=True)
+            except binascii.Error:
+                return None
+            if not raw:
+                return None
+            keys.append(Key(key_ID=key_id.decode("ascii"), key=raw))
+            pos = key_end + 2
+            if pos == end:
+                return tuple(keys)
+            if body[pos] != 0x2C:  # ","
+                return None
+            pos += 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -579,29 +657,54 @@ class KMECore:
             raise Unauthorized()
         return caller
 
-    def _kme_of(self, sae: str, role: str) -> str:
+    def kme_of(self, sae: str, role: str) -> str:
+        """The KME ``sae`` is attached to (400 naming ``role`` when the directory has no such SAE)."""
         kme = self.directory.get(sae) if is_id(sae) else None
         if kme is None:
             raise EtsiError(f"unknown {role} {_shown(sae)}", [{role: _shown(sae)}])
         return kme
 
+    def linked(self, kme: str) -> bool:
+        """Whether this KME shares a QKD link with ``kme`` (or is ``kme``: the local pool)."""
+        return kme in self._out
+
+    @property
+    def peers(self) -> frozenset[str]:
+        """The KMEs this KME shares a QKD link with."""
+        return frozenset(self._out.keys() - {self.kme_id})
+
+    def outbound(self, peer: str) -> LinkPool:
+        """Master end of the link direction toward ``peer`` (LocalError when not linked).
+
+        Hazmat: the pool hands out raw link key; the KME methods are the recipes.
+        """
+        if peer == self.kme_id or peer not in self._out:
+            raise LocalError(f"KME {self.kme_id} has no QKD link to {peer}")
+        return self._out[peer]
+
+    def inbound(self, peer: str) -> LinkPool:
+        """Slave end of the link direction from ``peer`` (LocalError when not linked). Hazmat."""
+        if peer == self.kme_id or peer not in self._in:
+            raise LocalError(f"KME {self.kme_id} has no QKD link to {peer}")
+        return self._in[peer]
+
     def _pool(self, pools: dict[str, LinkPool], kme: str) -> LinkPool:
         pool = pools.get(kme)
         if pool is None:
             raise NoDirectLink(
-                f"no direct QKD link between KME {self.kme_id} and KME {kme} (key relay is not supported)",
+                f"no direct QKD link between KME {self.kme_id} and KME {kme}, and no relay route to it",
                 [{"source_KME_ID": self.kme_id, "target_KME_ID": kme}],
             )
         return pool
 
     def pool_to(self, slave_SAE_ID: str) -> LinkPool:
         """The master end of the direction that serves keys for ``slave_SAE_ID``."""
-        return self._pool(self._out, self._kme_of(slave_SAE_ID, "slave_SAE_ID"))
+        return self._pool(self._out, self.kme_of(slave_SAE_ID, "slave_SAE_ID"))
 
     def status(self, caller: str | None, slave_SAE_ID: str, now: float) -> Status:
         """Get status: key available to ``caller`` (master) for ``slave_SAE_ID``."""
         master = self.authorize(caller)
-        target = self._kme_of(slave_SAE_ID, "slave_SAE_ID")
+        target = self.kme_of(slave_SAE_ID, "slave_SAE_ID")
         pool = self._pool(self._out, target)
         lim = self.limits
         max_count = lim.max_key_count
@@ -622,7 +725,18 @@ class KMECore:
     ) -> KeyContainer:
         """Get key: ``request.number`` new keys for ``caller`` (master) and ``slave_SAE_ID``."""
         master = self.authorize(caller)
-        target = self._kme_of(slave_SAE_ID, "slave_SAE_ID")
+        target = self.kme_of(slave_SAE_ID, "slave_SAE_ID")
+        size = self.check_request(master, slave_SAE_ID, request)
+        pool = self._pool(self._out, target)
+        need = request.number * size
+        if need > pool.capacity_bits:
+            raise EtsiError("request exceeds the key pool of the link",
+                            [{"requested_bits": need, "capacity_bits": int(pool.capacity_bits)}])
+        taken = pool.take(request.number, size, now, master_sae=master, slave_sae=slave_SAE_ID)
+        return KeyContainer(keys=tuple(Key(key_ID=kid, key=key) for kid, key in taken))
+
+    def check_request(self, master: str, slave_SAE_ID: str, request: KeyRequest) -> int:
+        """The key size in bits a Get key request asks for, once it is one this KME serves (else 400)."""
         if slave_SAE_ID == master:
             raise EtsiError("slave_SAE_ID must differ from the calling master SAE")
         lim = self.limits
@@ -644,26 +758,25 @@ class KMECore:
                 f"size {size} is outside [{lim.min_key_size}, {lim.max_key_size}]",
                 [{"size": size, "min_key_size": lim.min_key_size, "max_key_size": lim.max_key_size}],
             )
-        pool = self._pool(self._out, target)
-        need = request.number * size
-        if need > pool.capacity_bits:
-            raise EtsiError("request exceeds the key pool of the link",
-                            [{"requested_bits": need, "capacity_bits": int(pool.capacity_bits)}])
-        taken = pool.take(request.number, size, now, master_sae=master, slave_sae=slave_SAE_ID)
-        return KeyContainer(keys=tuple(Key(key_ID=kid, key=key) for kid, key in taken))
+        return size
 
     def dec_keys(self, caller: str | None, master_SAE_ID: str, request: KeyIDs, now: float) -> KeyContainer:
         """Get key with key IDs: the keys ``master_SAE_ID`` obtained for ``caller`` (slave)."""
         slave = self.authorize(caller)
-        source = self._kme_of(master_SAE_ID, "master_SAE_ID")
-        ids = request.ids
-        most = self.limits.max_key_per_request
-        if len(ids) > most:
-            raise EtsiError(f"{len(ids)} key_IDs exceed max_key_per_request {most}",
-                            [{"key_IDs": len(ids), "max_key_per_request": most}])
+        source = self.kme_of(master_SAE_ID, "master_SAE_ID")
+        ids = self.check_key_ids(request)
         pool = self._pool(self._in, source)
         try:
             keys = pool.lookup(ids, now, master_sae=master_SAE_ID, slave_sae=slave)
         except KeyIDNotYours:
             raise Unauthorized() from None
         return KeyContainer(keys=tuple(Key(key_ID=kid, key=key) for kid, key in zip(ids, keys, strict=True)))
+
+    def check_key_ids(self, request: KeyIDs) -> list[str]:
+        """The key_IDs of a Get key with key IDs request, if there are not too many (else 400)."""
+        ids = request.ids
+        most = self.limits.max_key_per_request
+        if len(ids) > most:
+            raise EtsiError(f"{len(ids)} key_IDs exceed max_key_per_request {most}",
+                            [{"key_IDs": len(ids), "max_key_per_request": most}])
+        return ids

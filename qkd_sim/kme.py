@@ -1,17 +1,31 @@
 """A simulated KME: the ETSI GS QKD 014 REST API over mutual TLS (aiohttp shell).
 
-Handlers only identify the caller, parse, call :class:`~qkd_sim.etsi014.KMECore`
-and map errors to responses; all key logic is sans-IO in
-:mod:`qkd_sim.etsi014` and :mod:`qkd_sim.pool`. The calling SAE is the
-Common Name of its TLS client certificate (:func:`qkd_sim.pki.sae_id_from_peercert`);
-the TLS layer already refuses certificates not issued by the cluster CA.
+Handlers only identify the caller, parse, call :class:`~qkd_sim.relay.RelayKME`
+(a :class:`~qkd_sim.etsi014.KMECore` with trusted-node relay) and map errors
+to responses; all key logic is sans-IO in :mod:`qkd_sim.etsi014`,
+:mod:`qkd_sim.relay` and :mod:`qkd_sim.pool`. The calling SAE is the Common
+Name of its TLS client certificate (:func:`qkd_sim.pki.sae_id_from_peercert`),
+a calling KME the ``urn:qstore:kme:`` URI of its certificate
+(:func:`qkd_sim.relay.kme_id_from_peercert`): KME certificates get 401 on the
+SAE API, SAE certificates 401 on the relay endpoint. The TLS layer already
+refuses certificates not issued by the cluster CA.
 
 Routes::
 
     GET       /api/v1/keys/{slave_SAE_ID}/status
     GET|POST  /api/v1/keys/{slave_SAE_ID}/enc_keys    GET: ?number=&size=
     GET|POST  /api/v1/keys/{master_SAE_ID}/dec_keys   GET: ?key_ID=
+    POST      /kme/v1/relay                           KME to KME: one relay envelope
     GET       /health
+
+Key relay: when the slave SAE's KME is reached through others
+(``KMEConfig.routes``), ``enc_keys`` answers only after the next hop (at
+``KMEConfig.peers``) has answered the relay 200, so after the destination
+KME stored the keys; a hop that fails gives the SAE a 503 naming it. Calls
+to other KMEs go through one aiohttp session per KME (made in ``cleanup_ctx``)
+that presents this KME's own certificate (a ``kind="kme"`` certificate is a
+client certificate too); the answering KME must be the hop asked, by its
+certificate. The caller bounds each hop with ``relay_timeout_s``.
 
 Errors: 400 and 503 with an ETSI Error body, 401 with none; anything
 unexpected is logged and answered 503 ("Error of server side") without detail.
@@ -20,19 +34,34 @@ Pools fill lazily from the configured clock, so there is no background task.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
+import ssl
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import TypeVar
 
+import aiohttp
 from aiohttp import web
 
-from qkd_sim import pki
-from qkd_sim.etsi014 import MAX_REQUEST_BYTES, KeyIDs, KeyRequest, KMECore, Limits, dumps
+from qkd_sim import pki, relay
+from qkd_sim.etsi014 import (
+    MAX_REQUEST_BYTES,
+    EtsiError,
+    KeyContainer,
+    KeyIDs,
+    KeyRequest,
+    KMECore,
+    Limits,
+    dumps,
+)
 from qkd_sim.etsi014 import Error as EtsiErrorBody
 from qkd_sim.pool import LinkConfig
+from qkd_sim.relay import RelayFailed, RelayKME, RelayStep
 from qstore.errors import LocalError, QStoreError
 
 log = logging.getLogger(__name__)
@@ -51,6 +80,14 @@ class KMEConfig:
     test or a simulation injects another; link epochs are on this clock.
     ``local_seed``: seed of the pool for pairs of SAEs both attached here
     (random when None).
+
+    Trusted-node relay: ``routes`` maps a KME this one has no link with to
+    the linked KME that is the next hop toward it
+    (:func:`qkd_sim.relay.next_hops` computes it from the KME-level links);
+    ``peers`` maps KME IDs to base URLs (``https://host:port``) and needs every
+    next hop, and the linked KMEs that relays passing through here go on to.
+    ``relay_timeout_s`` bounds each hop's call (the whole rest of the route).
+    KME-to-KME calls present ``cert``, which must be a ``kind="kme"`` certificate.
     """
 
     kme_id: str
@@ -65,10 +102,25 @@ class KMEConfig:
     port: int = 0
     clock: Clock = field(default=time.time, repr=False, compare=False)
     local_seed: bytes | None = field(default=None, repr=False)
+    routes: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    peers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    relay_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "saes", frozenset(self.saes))
         object.__setattr__(self, "directory", MappingProxyType(dict(self.directory)))
+        object.__setattr__(self, "routes", MappingProxyType(dict(self.routes)))
+        peers = {}
+        for kme_id, url in dict(self.peers).items():
+            if not isinstance(url, str) or not url.startswith("https://"):
+                raise LocalError(f"peers[{kme_id!r}] must be an https:// URL")
+            peers[kme_id] = url.rstrip("/")
+        object.__setattr__(self, "peers", MappingProxyType(peers))
+        for dest, hop in self.routes.items():
+            if hop not in self.peers:
+                raise LocalError(f"route to {dest} via {hop}: peers has no URL for {hop}")
+        if not (isinstance(self.relay_timeout_s, int | float) and self.relay_timeout_s > 0):
+            raise LocalError("relay_timeout_s must be > 0")
         object.__setattr__(self, "links", tuple(self.links))
         for name in ("cert", "key", "ca"):
             object.__setattr__(self, name, Path(getattr(self, name)))
@@ -84,13 +136,27 @@ class KMEConfig:
         return KMECore(kme_id=self.kme_id, saes=self.saes, directory=self.directory, links=self.links,
                        limits=self.limits, local_seed=self.local_seed)
 
+    def relay(self) -> RelayKME:
+        """The sans-IO KME with trusted-node relay over :meth:`core` (validates the routes too)."""
+        return RelayKME(self.core(), routes=self.routes)
+
 
 CONFIG = web.AppKey("config", KMEConfig)
 CORE = web.AppKey("core", KMECore)
+KME = web.AppKey("kme", RelayKME)
+SESSION = web.AppKey("relay_session", aiohttp.ClientSession)
+PEER_SSL = web.AppKey("peer_ssl", dict[str, ssl.SSLContext])
+
+T = TypeVar("T")
 
 
 def _json(obj: object, status: int = 200) -> web.Response:
     return web.Response(body=dumps(obj), status=status, content_type="application/json")
+
+
+def _keys(container: KeyContainer) -> web.Response:
+    """A Key container answer: the same bytes as ``_json(container.to_json())``, written faster."""
+    return web.Response(body=container.to_json_bytes(), content_type="application/json")
 
 
 def _error(status: int, exc: BaseException | str) -> web.Response:
@@ -120,44 +186,128 @@ async def _etsi_errors(
         return _error(503, "internal error")
 
 
+def _peercert(transport: asyncio.BaseTransport | None) -> object:
+    return None if transport is None else transport.get_extra_info("peercert")
+
+
 def caller_of(request: web.Request) -> str | None:
     """The SAE ID in the verified TLS client certificate of this request, if any."""
-    transport = request.transport
-    if transport is None:
-        return None
-    return pki.sae_id_from_peercert(transport.get_extra_info("peercert"))
+    return pki.sae_id_from_peercert(_peercert(request.transport))
+
+
+def kme_caller_of(request: web.Request) -> str | None:
+    """The KME ID in the verified TLS client certificate of this request, if any."""
+    return relay.kme_id_from_peercert(_peercert(request.transport))
+
+
+async def _read_limited(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """The whole body, or None when it is longer than ``limit``."""
+    chunks, total = [], 0
+    async for chunk in stream.iter_chunked(1 << 16):
+        total += len(chunk)
+        if total > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _send_relay(app: web.Application, step: RelayStep[T]) -> T:
+    """POST one relay envelope to the next hop and let the step judge the answer."""
+    config = app[CONFIG]
+    hop = step.next_KME_ID
+    try:
+        base = config.peers.get(hop)
+        if base is None:
+            return step.unreachable(f"no URL is configured for KME {hop}")
+        try:
+            async with asyncio.timeout(config.relay_timeout_s):
+                async with app[SESSION].post(base + relay.RELAY_PATH, data=step.envelope,
+                                             ssl=app[PEER_SSL][hop],
+                                             headers={"Content-Type": "application/octet-stream"}) as resp:
+                    status = resp.status
+                    body = await _read_limited(resp.content, relay.MAX_ANSWER_BYTES)
+        except aiohttp.ClientConnectorCertificateError:
+            return step.unreachable(f"the server at {base} is not KME {hop}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return step.unreachable(f"KME {hop} at {base} did not answer ({type(exc).__name__})")
+        if body is None:
+            return step.unreachable(f"KME {hop} sent an answer longer than {relay.MAX_ANSWER_BYTES} bytes")
+        return step.finish(status, body, answered_by=hop)  # the TLS handshake checked who answered
+    except RelayFailed as exc:
+        log.warning("KME %s: %s", config.kme_id, exc)
+        raise
+
+
+def peer_ssl_context(cert: str | Path, key: str | Path, ca: str | Path, peer: str) -> ssl.SSLContext:
+    """Client context for calls to KME ``peer``: presents ``cert``, and the handshake fails
+    unless the server's certificate is ``peer``'s (its ``urn:qstore:kme:`` URI, not just a host name).
+    """
+    ctx = pki.client_ssl_context(cert, key, ca)
+
+    class _ServerIsPeer(ssl.SSLObject):
+        def do_handshake(self) -> None:
+            super().do_handshake()
+            if relay.kme_id_from_peercert(self.getpeercert()) != peer:
+                raise ssl.SSLCertVerificationError(f"the server is not KME {peer}")
+
+    ctx.sslobject_class = _ServerIsPeer
+    return ctx
+
+
+async def _relay_session(app: web.Application) -> AsyncIterator[None]:
+    """The client session for calls to other KMEs, with a TLS context per peer KME."""
+    config = app[CONFIG]
+    app[PEER_SSL] = {peer: peer_ssl_context(config.cert, config.key, config.ca, peer)
+                     for peer in config.peers}
+    async with aiohttp.ClientSession() as session:
+        app[SESSION] = session
+        yield
 
 
 async def _status(request: web.Request) -> web.Response:
-    core = request.app[CORE]
-    caller = core.authorize(caller_of(request))
-    status = core.status(caller, request.match_info["slave_SAE_ID"], request.app[CONFIG].clock())
+    kme = request.app[KME]
+    caller = kme.core.authorize(caller_of(request))
+    status = kme.status(caller, request.match_info["slave_SAE_ID"], request.app[CONFIG].clock())
     return _json(status.to_json())
 
 
 async def _enc_keys(request: web.Request) -> web.Response:
-    core = request.app[CORE]
-    caller = core.authorize(caller_of(request))
+    kme = request.app[KME]
+    caller = kme.core.authorize(caller_of(request))
     if request.method == "POST":
         # Every Key request parameter is optional: an empty body asks for the defaults.
         key_request = KeyRequest.from_json(await request.read() or b"{}")
     else:
         key_request = KeyRequest.from_query(request.query)
     now = request.app[CONFIG].clock()
-    container = core.enc_keys(caller, request.match_info["slave_SAE_ID"], key_request, now)
-    return _json(container.to_json())
+    container = kme.enc_keys(caller, request.match_info["slave_SAE_ID"], key_request, now)
+    if isinstance(container, RelayStep):
+        container = await _send_relay(request.app, container)
+    return _keys(container)
 
 
 async def _dec_keys(request: web.Request) -> web.Response:
-    core = request.app[CORE]
-    caller = core.authorize(caller_of(request))
+    kme = request.app[KME]
+    caller = kme.core.authorize(caller_of(request))
     if request.method == "POST":
         key_ids = KeyIDs.from_json(await request.read())
     else:
         key_ids = KeyIDs.from_query(request.query)
     now = request.app[CONFIG].clock()
-    container = core.dec_keys(caller, request.match_info["master_SAE_ID"], key_ids, now)
-    return _json(container.to_json())
+    container = kme.dec_keys(caller, request.match_info["master_SAE_ID"], key_ids, now)
+    return _keys(container)
+
+
+async def _relay(request: web.Request) -> web.Response:
+    kme = request.app[KME]
+    caller = kme.authorize_kme(kme_caller_of(request))
+    envelope = await _read_limited(request.content, relay.MAX_ENVELOPE_BYTES)
+    if envelope is None:
+        raise EtsiError(f"relay envelope longer than {relay.MAX_ENVELOPE_BYTES} bytes")
+    outcome = kme.receive(caller, envelope, request.app[CONFIG].clock())
+    if isinstance(outcome, RelayStep):
+        outcome = await _send_relay(request.app, outcome)
+    return _json(outcome)
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -168,12 +318,15 @@ def create_app(config: KMEConfig) -> web.Application:
     """The KME's aiohttp application (TLS is the server's: see :func:`start` and :func:`serve`)."""
     app = web.Application(middlewares=[_etsi_errors], client_max_size=MAX_REQUEST_BYTES)
     app[CONFIG] = config
-    app[CORE] = config.core()
+    app[KME] = config.relay()
+    app[CORE] = app[KME].core
+    app.cleanup_ctx.append(_relay_session)
     app.router.add_get("/health", _health)
     app.router.add_get("/api/v1/keys/{slave_SAE_ID}/status", _status)
     for method in ("GET", "POST"):
         app.router.add_route(method, "/api/v1/keys/{slave_SAE_ID}/enc_keys", _enc_keys)
         app.router.add_route(method, "/api/v1/keys/{master_SAE_ID}/dec_keys", _dec_keys)
+    app.router.add_post(relay.RELAY_PATH, _relay)
     return app
 
 
@@ -189,17 +342,29 @@ class RunningKME:
     def core(self) -> KMECore:
         return self.runner.app[CORE]
 
+    @property
+    def relay(self) -> RelayKME:
+        return self.runner.app[KME]
+
     async def close(self) -> None:
         await self.runner.cleanup()
 
 
-async def start(config: KMEConfig) -> RunningKME:
-    """Start a KME on ``config.host:config.port`` (port 0: a free one) in the running loop."""
+async def start(config: KMEConfig, *, sock: socket.socket | None = None) -> RunningKME:
+    """Start a KME on ``config.host:config.port`` (port 0: a free one) in the running loop.
+
+    ``sock``: listen on this bound socket instead, so that KMEs which name each
+    other in ``peers`` can be given their addresses before any of them starts.
+    """
     runner = web.AppRunner(create_app(config), access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.host, config.port,
-                           ssl_context=pki.server_ssl_context(config.cert, config.key, config.ca))
+        ssl_context = pki.server_ssl_context(config.cert, config.key, config.ca)
+        site: web.BaseSite
+        if sock is None:
+            site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)
+        else:
+            site = web.SockSite(runner, sock, ssl_context=ssl_context)
         await site.start()
     except BaseException:
         await runner.cleanup()

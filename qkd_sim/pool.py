@@ -76,10 +76,10 @@ is the recipe built on them.
 from __future__ import annotations
 
 import enum
+import hashlib
 import hmac
 import math
 import re
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -103,6 +103,10 @@ _HALF_MASK = (1 << _HALF) - 1
 _START_SHIFT, _SIZE_SHIFT, _ZERO_SHIFT = 68, 48, 32
 _UUID_FORM = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _SALT = b"qkd_sim.pool v1"
+_RUN_BYTES = 1 << 20
+"""Adjacent keys up to this many bytes in all come from one AES-CTR call."""
+_IPAD = bytes(x ^ 0x36 for x in range(256))  # HMAC key pads, as translate tables
+_OPAD = bytes(x ^ 0x5C for x in range(256))
 
 
 class PoolEmpty(KeyShortage):
@@ -168,14 +172,39 @@ def _hkdf(seed: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=_SALT, info=info).derive(seed)
 
 
+class _HmacSha256:
+    """HMAC-SHA256 under one key, with the padded key blocks hashed once (RFC 2104).
+
+    Same digests as ``hmac.digest(key, msg, "sha256")``; each call then costs
+    two copies of a hash state instead of a fresh key setup (key_IDs take
+    several HMACs each, for every key served).
+    """
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes):
+        if len(key) > 64:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(64, b"\x00")
+        self._inner = hashlib.sha256(key.translate(_IPAD))
+        self._outer = hashlib.sha256(key.translate(_OPAD))
+
+    def digest(self, msg: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(msg)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
 class KeyIDCodec:
     """key_IDs as an encrypted (start, size, SAE-pair tag): see the module docstring."""
 
-    __slots__ = ("_id_key", "_tag_key")
+    __slots__ = ("_id_mac", "_tag_mac")
 
     def __init__(self, id_key: bytes, tag_key: bytes):
-        self._id_key = id_key
-        self._tag_key = tag_key
+        self._id_mac = _HmacSha256(id_key)
+        self._tag_mac = _HmacSha256(tag_key)
 
     def __repr__(self) -> str:
         return "KeyIDCodec(<keys hidden>)"
@@ -183,10 +212,10 @@ class KeyIDCodec:
     def tag(self, master_sae: str, slave_sae: str) -> int:
         """32-bit tag binding a key_ID to one (master, slave) SAE pair."""
         msg = master_sae.encode() + b"\x00" + slave_sae.encode()
-        return int.from_bytes(hmac.digest(self._tag_key, msg, "sha256")[:4], "big")
+        return int.from_bytes(self._tag_mac.digest(msg)[:4], "big")
 
     def _round(self, i: int, half: int) -> int:
-        digest = hmac.digest(self._id_key, bytes([i]) + half.to_bytes(8, "big"), "sha256")
+        digest = self._id_mac.digest(bytes((i,)) + half.to_bytes(8, "big"))
         return int.from_bytes(digest[:8], "big") & _HALF_MASK
 
     def encode(self, start: int, size_bytes: int, tag: int) -> str:
@@ -199,7 +228,8 @@ class KeyIDCodec:
             left, right = right, left ^ self._round(i, right)
         c = (left << _HALF) | right
         u = (c >> 74) << 80 | 4 << 76 | ((c >> 62) & 0xFFF) << 64 | 2 << 62 | (c & ((1 << 62) - 1))
-        return str(uuid.UUID(int=u))
+        h = f"{u:032x}"  # str(uuid.UUID(int=u)), without building the UUID object
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
     def decode(self, key_id: object) -> tuple[int, int, int] | None:
         """(start, size_bytes, tag) of a key_ID this codec made, else None."""
@@ -302,6 +332,25 @@ class LinkPool:
         enc = Cipher(algorithms.AES(self._stream_key), modes.CTR(block.to_bytes(16, "big"))).encryptor()
         return enc.update(bytes(skip + length))[skip:]
 
+    def _materials(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """The bytes of each (start, size) range; runs of adjacent small ranges share one AES call."""
+        out: list[bytes] = []
+        i, n = 0, len(ranges)
+        while i < n:
+            first = ranges[i][0]
+            end = first + ranges[i][1]
+            j = i + 1
+            while j < n and ranges[j][0] == end and end + ranges[j][1] - first <= _RUN_BYTES:
+                end += ranges[j][1]
+                j += 1
+            if j == i + 1:
+                out.append(self._material(first, end - first))
+            else:
+                run = self._material(first, end - first)
+                out.extend(run[start - first : start - first + size] for start, size in ranges[i:j])
+            i = j
+        return out
+
     # -- master end -----------------------------------------------------------
 
     def _refill(self, now: float) -> None:
@@ -343,11 +392,10 @@ class LinkPool:
             )
         size = size_bits // 8
         start = self._cursor
-        material = self._material(start, count * size)
-        keys = [
-            (self.codec.encode(start + i * size, size, tag), material[i * size : (i + 1) * size])
-            for i in range(count)
-        ]
+        ranges = [(start + i * size, size) for i in range(count)]
+        materials = self._materials(ranges)
+        encode = self.codec.encode
+        keys = [(encode(at, size, tag), key) for (at, _), key in zip(ranges, materials, strict=True)]
         self._cursor = start + count * size
         self._level -= need
         return keys
@@ -385,6 +433,7 @@ class LinkPool:
         does not have yet.
         """
         tag = self.codec.tag(_check_id("master SAE ID", master_sae), _check_id("slave SAE ID", slave_sae))
+        tag_bytes = tag.to_bytes(4, "big")
         ranges: list[tuple[int, int]] = []
         pending = _Intervals()
         for key_id in key_ids:
@@ -393,7 +442,7 @@ class LinkPool:
             if decoded is None:
                 raise KeyIDRejected(f"unknown key_ID {shown}", shown)
             start, size, key_tag = decoded
-            if not hmac.compare_digest(key_tag.to_bytes(4, "big"), tag.to_bytes(4, "big")):
+            if not hmac.compare_digest(key_tag.to_bytes(4, "big"), tag_bytes):
                 raise KeyIDNotYours()
             if pending.overlaps(start, start + size):
                 raise KeyIDRejected(f"key_ID {shown} is named twice", shown)
@@ -409,7 +458,7 @@ class LinkPool:
                 )
             pending.add(start, start + size)
             ranges.append((start, size))
-        out = [self._material(start, size) for start, size in ranges]
+        out = self._materials(ranges)
         for start, size in ranges:
             self._retrieved.add(start, start + size)
             self._furthest = max(self._furthest, start + size)

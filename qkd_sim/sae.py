@@ -234,7 +234,11 @@ class SAEClient:
         if status is None:
             return f"KME {self.kme_name}"
         ends = (status.source_KME_ID, status.target_KME_ID)
-        return " → ".join(ends if outbound else ends[::-1])
+        link = " → ".join(ends if outbound else ends[::-1])
+        relay = (status.status_extension or {}).get("relay")
+        if isinstance(relay, dict) and is_id(relay.get("next_hop_KME_ID")):
+            return f"{link}, relayed via {relay['next_hop_KME_ID']}"  # the reason names the hop that failed
+        return link
 
     async def _retrying(self, call: Callable[[], Awaitable[bytes]], *, master: str, slave: str,
                         peer: str, outbound: bool) -> bytes:
