@@ -42,17 +42,16 @@ import asyncio
 import json
 import os
 import platform
-import re
 import ssl
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from _common import cpu_model, emit, log, mbps, parse_size, pkg_version
 
 from qkd_sim import kme, pki
 from qkd_sim.pool import LinkConfig
@@ -71,20 +70,6 @@ SMALL_KEY_BITS = 256
 CONCURRENCY = 16
 
 
-def log(msg: str) -> None:
-    """Progress to stderr (stdout carries only JSON)."""
-    print(msg, file=sys.stderr, flush=True)
-
-
-def emit(record: dict[str, Any]) -> None:
-    """One figure: one JSON line on stdout."""
-    print(json.dumps(record), flush=True)
-
-
-def mbps(nbytes: int, seconds: float) -> float:
-    return round(nbytes / seconds / 1e6, 1)
-
-
 async def best_of(fn: Callable[[], Awaitable[object]], repeats: int = REPEATS) -> float:
     """Await ``fn()`` once untimed (warm-up), then return the best time of ``repeats`` runs."""
     await fn()
@@ -96,33 +81,7 @@ async def best_of(fn: Callable[[], Awaitable[object]], repeats: int = REPEATS) -
     return best
 
 
-def parse_size(text: str) -> int:
-    """'64MiB', '64M', '1GiB', '4096' -> bytes (binary units)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}")
-    value = int(m.group(1)) * {"": 1, "K": KiB, "M": MiB, "G": 1024 * MiB}[m.group(2).upper()]
-    if value <= 0:
-        raise argparse.ArgumentTypeError("size must be positive")
-    return value
 
-
-def pkg_version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ----------------------------------------------------------------------------- the cluster

@@ -37,15 +37,14 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import numpy as np
+from _common import cpu_model, emit, log, mbps, parse_size, pkg_version
 
 from qstore import linmap, sharing
 
@@ -63,20 +62,6 @@ SHAMIR_BASELINE_BUDGET_S = 20.0
 REPEATS = 3
 
 
-def log(msg: str) -> None:
-    """Progress to stderr (stdout carries only JSON)."""
-    print(msg, file=sys.stderr, flush=True)
-
-
-def emit(record: dict[str, Any]) -> None:
-    """One figure: one JSON line on stdout."""
-    print(json.dumps(record), flush=True)
-
-
-def mbps(nbytes: int, seconds: float) -> float:
-    return round(nbytes / seconds / 1e6, 1)
-
-
 def best_of(fn: Callable[[], object], repeats: int = REPEATS) -> float:
     """Run ``fn`` once untimed (warm-up), then return the best time of ``repeats`` runs."""
     fn()
@@ -88,33 +73,7 @@ def best_of(fn: Callable[[], object], repeats: int = REPEATS) -> float:
     return best
 
 
-def parse_size(text: str) -> int:
-    """'64MiB', '64M', '1GiB', '4096' -> bytes (binary units)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad size {text!r}")
-    value = int(m.group(1)) * {"": 1, "K": 1024, "M": MiB, "G": 1024 * MiB}[m.group(2).upper()]
-    if value <= 0:
-        raise argparse.ArgumentTypeError("size must be positive")
-    return value
 
-
-def pkg_version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cpu_flags(wanted: tuple[str, ...] = ("aes", "vaes", "avx2", "avx512f", "avx512bw", "gfni")) -> list[str]:
