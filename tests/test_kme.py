@@ -14,6 +14,7 @@ import stat
 
 import aiohttp
 import pytest
+from helpers import Clock
 
 from qkd_sim import kme, pki
 from qkd_sim.pool import LinkConfig
@@ -27,16 +28,6 @@ DIRECTORY = {**dict.fromkeys(SAES_A, "KME_A"), **dict.fromkeys(SAES_B, "KME_B"),
 STATUS_FIELDS = ["source_KME_ID", "target_KME_ID", "master_SAE_ID", "slave_SAE_ID", "key_size",
                  "stored_key_count", "max_key_count", "max_key_per_request", "max_key_size",
                  "min_key_size", "max_SAE_ID_count"]
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture(scope="module")

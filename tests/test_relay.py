@@ -14,6 +14,7 @@ import uuid
 
 import aiohttp
 import pytest
+from helpers import Clock
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -176,14 +177,6 @@ def test_relayed_status_counts_what_the_first_hop_can_carry():
 
 
 # -- three KMEs over mutual TLS ----------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture(scope="module")
