@@ -344,47 +344,45 @@ class SAEClient:
 
 
 @dataclass(eq=False)
-class SendBuffer:
-    """Key for one slave SAE, topped up by batched ``enc_keys`` requests."""
+class _PeerBuffer:
+    """Key shared with one peer SAE, and the lock that serialises fetching it."""
 
     client: SAEClient
-    slave: str
+    peer: str
     stream: KeyStream = field(default_factory=KeyStream)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+
+class SendBuffer(_PeerBuffer):
+    """Key for one slave SAE (the peer), topped up by batched ``enc_keys`` requests."""
 
     async def ensure(self, nbytes: int) -> KeyStream:
         """The stream, holding at least ``nbytes`` unused bytes (fetching what is missing)."""
         async with self._lock:
             short = nbytes - self.stream.available()
             if short > 0:
-                status = await self.client.limits(self.slave)
+                status = await self.client.limits(self.peer)
                 size = self.client.config.key_size or status.key_size
                 count = max(-(-short * 8 // size), self.client.config.batch)
                 while count > 0:
                     n = min(count, status.max_key_per_request)
-                    for key in await self.client.get_enc_keys(self.slave, n, size):
+                    for key in await self.client.get_enc_keys(self.peer, n, size):
                         self.stream.add(key)
                     count -= n
         return self.stream
 
 
-@dataclass(eq=False)
-class ReceiveBuffer:
-    """Key from one master SAE, fetched with ``dec_keys`` when an envelope names it."""
-
-    client: SAEClient
-    master: str
-    stream: KeyStream = field(default_factory=KeyStream)
-    _lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+class ReceiveBuffer(_PeerBuffer):
+    """Key from one master SAE (the peer), fetched with ``dec_keys`` when an envelope names it."""
 
     async def fetch(self, refs: Iterable[KeyRef]) -> KeyStream:
         """The stream, holding every key the ``refs`` name (those not held are fetched)."""
         async with self._lock:
             missing = self.stream.missing(refs)
             if missing:
-                status = await self.client.limits(self.master)
+                status = await self.client.limits(self.peer)
                 for i in range(0, len(missing), status.max_key_per_request):
                     batch = missing[i : i + status.max_key_per_request]
-                    for key in await self.client.get_dec_keys(self.master, batch):
+                    for key in await self.client.get_dec_keys(self.peer, batch):
                         self.stream.add(key)
         return self.stream

@@ -2,9 +2,9 @@
 
 Every byte of the data is the constant term of its own random polynomial of
 degree k-1 over GF(2^8); share x holds the polynomials' values at x, for
-x = 1..n. Any k
-shares determine the data; any k-1 are uniformly distributed whatever the
-data (perfect secrecy, given uniform coefficients: see :mod:`qstore.rng`).
+x = 1..n. Any k shares determine the data; any k-1 are uniformly distributed
+whatever the data (perfect secrecy, given uniform coefficients: see
+:mod:`qstore.rng`).
 
 A share is exactly as long as the data it hides: no padding, no header.
 Framing (object id, chunk index, digest) is :mod:`qstore.framing`'s job.
