@@ -6,7 +6,9 @@ in a file next to its certificate (mode 0600, as every private key here).
 Identity: an SAE is the Common Name of its client certificate, which also
 carries the same ID as a SAN URI ``urn:qstore:sae:<id>`` (a KME's
 certificate carries ``urn:qstore:kme:<id>``, DNS/IP names for its hosts, and
-may act as a client of another KME). :func:`sae_id_from_peercert` reads the
+may act as a client of another KME). A storage node is an SAE that also
+serves HTTPS: its certificate (kind ``"node"``) carries its SAE URI plus the
+host names it listens on, and may be used as server and client. :func:`sae_id_from_peercert` reads the
 ID back from what :mod:`ssl` reports for a verified peer and refuses a
 certificate whose CN and SAE URI disagree. Keys are ECDSA P-256; TLS is 1.3
 only, and both sides must present a certificate of the cluster CA.
@@ -36,7 +38,7 @@ KME_URN = "urn:qstore:kme:"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _CLOCK_SKEW = datetime.timedelta(minutes=5)
 
-Kind = Literal["sae", "kme"]
+Kind = Literal["sae", "kme", "node"]
 
 
 @dataclass(frozen=True)
@@ -148,15 +150,15 @@ def issue(
     days: int = 825,
     now: datetime.datetime | None = None,
 ) -> Identity:
-    """Issue a certificate for an SAE (client) or a KME (server and client).
+    """Issue a certificate for an SAE (client), a storage node (an SAE that also serves) or a KME.
 
     Writes ``<common_name>.pem`` and ``<common_name>.key`` (mode 0600) in
     ``directory``. ``hosts`` (names or IP addresses) go into the SAN of KME
     certificates; SAE certificates get only their ``urn:qstore:sae:`` URI.
     """
     _check_name(common_name)
-    if kind not in ("sae", "kme"):
-        raise LocalError('kind must be "sae" or "kme"')
+    if kind not in ("sae", "kme", "node"):
+        raise LocalError('kind must be "sae", "kme" or "node"')
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -165,6 +167,9 @@ def issue(
     if kind == "sae":
         names = [x509.UniformResourceIdentifier(SAE_URN + common_name)]
         usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+    elif kind == "node":
+        names = [x509.UniformResourceIdentifier(SAE_URN + common_name)] + [_host_name(h) for h in hosts]
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     else:
         names = [x509.UniformResourceIdentifier(KME_URN + common_name)] + [_host_name(h) for h in hosts]
         usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]

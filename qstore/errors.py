@@ -103,3 +103,33 @@ class KeyShortage(KeyMaterialError):
     """Not enough unused key material for the request."""
 
     status = 503
+
+
+class NotFound(RemoteError):
+    """No such bucket, object, version, chunk or upload."""
+
+    status = 404
+
+
+class NoSuchBucket(NotFound):
+    def __init__(self, bucket: str):
+        self.bucket = bucket
+        super().__init__(f"no bucket {bucket!r}")
+
+
+class NoSuchKey(NotFound):
+    def __init__(self, bucket: str, key: str):
+        self.bucket, self.key = bucket, key
+        super().__init__(f"no object {key!r} in bucket {bucket!r}")
+
+
+class Conflict(RemoteError):
+    """The request contradicts what is already there (an upload with other parameters, a chunk sent twice)."""
+
+    status = 409
+
+
+class BucketNotEmpty(Conflict):
+    def __init__(self, bucket: str):
+        self.bucket = bucket
+        super().__init__(f"bucket {bucket!r} is not empty")
