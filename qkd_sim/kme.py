@@ -16,6 +16,7 @@ Routes::
     GET|POST  /api/v1/keys/{slave_SAE_ID}/enc_keys    GET: ?number=&size=
     GET|POST  /api/v1/keys/{master_SAE_ID}/dec_keys   GET: ?key_ID=
     POST      /kme/v1/relay                           KME to KME: one relay envelope
+    GET       /kme/v1/links                           read-only pool figures of each QKD link
     GET       /health
 
 Key relay: when the slave SAE's KME is reached through others
@@ -314,6 +315,21 @@ async def _health(request: web.Request) -> web.Response:
     return _json({"status": "ok", "KME_ID": request.app[CONFIG].kme_id})
 
 
+async def _links(request: web.Request) -> web.Response:
+    """Pool figures of this KME's QKD links, for `qstore cluster status`: any cluster certificate may read
+    them (they are what Get status tells an SAE, for every link); bits, ``rate_bps`` null = unlimited."""
+    if caller_of(request) is None and kme_caller_of(request) is None:
+        return web.Response(status=401)
+    core, now = request.app[CORE], request.app[CONFIG].clock()
+    links = []
+    for peer in sorted(core.peers):
+        out, inbound = core.outbound(peer), core.inbound(peer)
+        links.append({"peer_KME_ID": peer, "rate_bps": out.rate_bps if out.rate_bps < float("inf") else None,
+                      "capacity_bits": int(out.capacity_bits), "available_bits": int(out.available_bits(now)),
+                      "delivered_bits": out.delivered_bits, "retrieved_bits": inbound.retrieved_bits})
+    return _json({"KME_ID": core.kme_id, "links": links})
+
+
 def create_app(config: KMEConfig) -> web.Application:
     """The KME's aiohttp application (TLS is the server's: see :func:`start` and :func:`serve`)."""
     app = web.Application(middlewares=[_etsi_errors], client_max_size=MAX_REQUEST_BYTES)
@@ -327,6 +343,7 @@ def create_app(config: KMEConfig) -> web.Application:
         app.router.add_route(method, "/api/v1/keys/{slave_SAE_ID}/enc_keys", _enc_keys)
         app.router.add_route(method, "/api/v1/keys/{master_SAE_ID}/dec_keys", _dec_keys)
     app.router.add_post(relay.RELAY_PATH, _relay)
+    app.router.add_get("/kme/v1/links", _links)
     return app
 
 

@@ -14,6 +14,9 @@ Cluster file (TOML, ``deploy/*.toml``)::
     [[sites]]
     name = "otemachi"
     host = "127.0.0.1"         # where the site's processes run
+    node = true                # runs a storage node (default); false: a client site, KME only
+    kme_port = 0               # fixed ports of its KME and node; 0: the launcher picks free ones
+    node_port = 0
 
     [[links]]
     a = "koganei"
@@ -24,6 +27,10 @@ Cluster file (TOML, ``deploy/*.toml``)::
     loss_db_per_km = 0.3       # optional: overrides the preset's fiber loss
     capacity_bits = 1e9        # pool size at each end (default 2^33 bits = 1 GiB)
     # or, instead of physics: rate = "unlimited" / rate_bps = 1e6
+
+Every site runs a KME; the n sites with ``node = true`` run a storage node
+each, whose Shamir x coordinates are 1..n in the order of the file; k <= n.
+Unknown keys are refused, naming the table and entry they are in.
 
 Trusted-node relay: two sites without a direct link get key through a
 chain of links; every hop spends its own link's key (one-time pad hop by
@@ -54,12 +61,26 @@ class ConfigError(LocalError):
 
 @dataclass(frozen=True, kw_only=True)
 class Site:
+    """A place: one KME, and a storage node unless ``node`` is false (a client site)."""
+
     name: str
     host: str = "127.0.0.1"
+    node: bool = True
+    kme_port: int = 0  # 0: the launcher picks a free port
+    node_port: int = 0
 
     def __post_init__(self) -> None:
-        if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
+        if (not isinstance(self.name, str) or not self.name
+                or not self.name.replace("-", "").replace("_", "").isalnum() or not self.name.isascii()):
             raise ConfigError(f"site name {self.name!r}: use letters, digits, '-' and '_'")
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError(f"site {self.name}: host must be a non-empty string")
+        if not isinstance(self.node, bool):
+            raise ConfigError(f"site {self.name}: node must be true or false")
+        for name in ("kme_port", "node_port"):
+            port = getattr(self, name)
+            if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
+                raise ConfigError(f"site {self.name}: {name} must be an integer in [0, 65535] (0: any free)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,6 +162,28 @@ class Network:
             seen.add(pair)
         return cls(name=name, k=k, sites=sites, links=links, rates={lk.name: rate(lk) for lk in links})
 
+    @property
+    def node_sites(self) -> tuple[Site, ...]:
+        """The sites that run a storage node, in file order (node i has x = i + 1)."""
+        return tuple(s for s in self.sites if s.node)
+
+    @property
+    def n(self) -> int:
+        """Number of storage nodes."""
+        return len(self.node_sites)
+
+    @property
+    def client_site(self) -> Site:
+        """Where clients and the gateway attach: the first site without a node, else the first site."""
+        return next((s for s in self.sites if not s.node), self.sites[0])
+
+    def site(self, name: str) -> Site:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        names = ", ".join(s.name for s in self.sites)
+        raise ConfigError(f"cluster {self.name} has no site {name!r} (sites: {names})")
+
     @classmethod
     def from_toml(cls, path: str | Path, rate: RateFunction = physical_rate) -> Network:
         try:
@@ -152,9 +195,14 @@ class Network:
     @classmethod
     def from_dict(cls, doc: dict, rate: RateFunction = physical_rate, source: str = "config") -> Network:
         cluster = doc.get("cluster", {})
+        if not isinstance(cluster, dict):
+            raise ConfigError(f"{source}: [cluster] must be a table")
+        _known(cluster, {"name", "k"}, f"{source}: [cluster]")
         try:
-            sites = [Site(**_known(s, Site, f"{source}: [[sites]]")) for s in doc.get("sites", [])]
-            links = [_link(entry, source) for entry in doc.get("links", [])]
+            sites = [Site(**_known(s, Site, _where(source, "sites", i, s)))
+                     for i, s in enumerate(_entries(doc, "sites", source))]
+            links = [_link(entry, _where(source, "links", i, entry))
+                     for i, entry in enumerate(_entries(doc, "links", source))]
         except TypeError as exc:
             raise ConfigError(f"{source}: {exc}") from None
         if not sites:
@@ -162,7 +210,19 @@ class Network:
         k = cluster.get("k", 3)
         if not isinstance(k, int) or isinstance(k, bool) or not 2 <= k <= 255:
             raise ConfigError(f"{source}: [cluster] k must be an integer from 2 to 255")
-        return cls.build(str(cluster.get("name", Path(source).stem)), k, sites, links, rate)
+        net = cls.build(str(cluster.get("name", Path(source).stem)), k, sites, links, rate)
+        taken: dict[tuple[str, int], str] = {}
+        for site in net.sites:
+            ports = (("kme_port", site.kme_port), ("node_port", site.node_port if site.node else 0))
+            for what, port in ports:
+                if port:
+                    other = taken.setdefault((site.host, port), f"{site.name}.{what}")
+                    if other != f"{site.name}.{what}":
+                        raise ConfigError(f"{source}: site {site.name}: {what} {port} is already {other}")
+        if net.n < k:
+            raise ConfigError(f"{source}: [cluster] k = {k} needs at least {k} sites with a node "
+                              f"(node = true), there are {net.n}")
+        return net
 
     def link(self, a: str, b: str) -> Link | None:
         return next((lk for lk in self.links if {lk.a, lk.b} == {a, b}), None)
@@ -207,22 +267,37 @@ class Network:
         return min((self.rates[hop.name] for hop in hops if hop is not None), default=math.inf)
 
 
-def _known(entry: dict, cls: type, where: str) -> dict:
-    allowed = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+def _entries(doc: dict, table: str, source: str) -> list[dict]:
+    entries = doc.get(table, [])
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError(f"{source}: {table} must be an array of tables ([[{table}]])")
+    return entries
+
+
+def _where(source: str, table: str, index: int, entry: dict) -> str:
+    """Names an array-of-tables entry in messages: its number, and its name or ends when it has them."""
+    label = entry.get("name") if table == "sites" else f"{entry.get('a')}-{entry.get('b')}"
+    return f"{source}: [[{table}]] #{index + 1} ({label})"
+
+
+def _known(entry: dict, allowed: type | set[str], where: str) -> dict:
+    if isinstance(allowed, type):
+        allowed = set(allowed.__dataclass_fields__)  # type: ignore[attr-defined]
     unknown = set(entry) - allowed
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} "
+                          f"(known: {', '.join(sorted(allowed))})")
     return entry
 
 
-def _link(entry: dict, source: str) -> Link:
+def _link(entry: dict, where: str) -> Link:
     entry = dict(entry)
     rate = entry.pop("rate", None)
     if rate is not None:
         if rate != "unlimited":
-            raise ConfigError(f"{source}: link rate must be \"unlimited\" (or use rate_bps)")
+            raise ConfigError(f"{where}: link rate must be \"unlimited\" (or use rate_bps)")
         entry["rate_bps"] = UNLIMITED
-    return Link(**_known(entry, Link, f"{source}: [[links]]"))
+    return Link(**_known(entry, Link, where))
 
 
 @dataclass(frozen=True)
