@@ -26,6 +26,15 @@ The key material named by the references, concatenated in order, is the
 32-byte one-time key followed by the pad, so the lengths sum to
 ``32 + ct_length``.
 
+Hybrid mode, by name: :func:`seal_gcm` writes the same envelope with magic
+``b"QGCM"``: the named key ranges are exactly 32 bytes, a fresh AES-256 key
+used for this one frame (so the all-zero nonce is never repeated under a key),
+the ciphertext is AES-256-GCM of the frame with the cleartext header as
+associated data, and the tag slot holds the GCM tag. It spends 32 bytes of
+QKD key per frame instead of ``32 + len(frame)``, and is only computationally
+secure: for links whose key rate cannot carry the data. :func:`open_` accepts
+both kinds; the caller learns which from :func:`envelope_cipher`.
+
 The receiver (:func:`open_`) parses with every size bounded before it
 allocates, takes the named ranges from its own :class:`KeyStream` (a range it
 has seen before is refused with :class:`~qstore.errors.KeyReuse`), checks the
@@ -46,13 +55,18 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from qstore.errors import KeyMaterialError, KeyReuse, KeyShortage, LocalError, SealError
 from qstore.framing import HEADER_SIZE, MAX_BODY
 
 MAGIC = b"QOTP"
+MAGIC_GCM = b"QGCM"
+GCM_KEY_SIZE = 32
+_GCM_NONCE = bytes(12)
+CIPHERS = ("otp", "aes-256-gcm")
 VERSION = 1
 OTK_SIZE = 32
 TAG_SIZE = 16
@@ -318,8 +332,8 @@ def _xor_into(out: memoryview, a: BytesLike, b: BytesLike) -> None:
         )
 
 
-def _pack_header(refs: list[KeyRef], ct_length: int) -> bytes:
-    parts = [_PREFIX.pack(MAGIC, VERSION, len(refs))]
+def _pack_header(refs: list[KeyRef], ct_length: int, magic: bytes = MAGIC) -> bytes:
+    parts = [_PREFIX.pack(magic, VERSION, len(refs))]
     parts += [_REF.pack(uuid.UUID(r.key_id).bytes, r.offset, r.length) for r in refs]
     parts.append(_CT_LEN.pack(ct_length))
     return b"".join(parts)
@@ -346,6 +360,45 @@ def seal(frame: BytesLike, keystream: KeyStream) -> bytes:
         _zero(material)
 
 
+def seal_gcm(frame: BytesLike, keystream: KeyStream) -> bytes:
+    """Hybrid mode: AES-256-GCM under a fresh 32-byte QKD key per frame (computationally secure only)."""
+    if not isinstance(frame, bytes | bytearray | memoryview):
+        raise LocalError("frame must be bytes-like")
+    frame = memoryview(frame).cast("B")
+    if len(frame) > _U32:
+        raise LocalError("frame too long for an envelope")
+    refs, material = keystream.take(GCM_KEY_SIZE, max_refs=MAX_REFS)
+    try:
+        header = _pack_header(refs, len(frame), MAGIC_GCM)
+        return header + AESGCM(bytes(material)).encrypt(_GCM_NONCE, frame, header)
+    finally:
+        _zero(material)
+
+
+def seal_with(cipher: str, frame: BytesLike, keystream: KeyStream) -> bytes:
+    """Seal with the link cipher named in :data:`CIPHERS` (``"otp"`` or ``"aes-256-gcm"``)."""
+    if cipher == "otp":
+        return seal(frame, keystream)
+    if cipher == "aes-256-gcm":
+        return seal_gcm(frame, keystream)
+    raise LocalError(f"link cipher must be one of {', '.join(CIPHERS)}")
+
+
+def key_cost(cipher: str, frame_length: int) -> int:
+    """Bytes of QKD key that sealing a frame of ``frame_length`` bytes spends."""
+    return GCM_KEY_SIZE if cipher == "aes-256-gcm" else OTK_SIZE + frame_length
+
+
+def envelope_cipher(envelope: BytesLike) -> str:
+    """``"otp"`` or ``"aes-256-gcm"`` by the envelope's magic (SealError for anything else)."""
+    head = bytes(memoryview(envelope)[:4]) if isinstance(envelope, bytes | bytearray | memoryview) else b""
+    if head == MAGIC:
+        return "otp"
+    if head == MAGIC_GCM:
+        return "aes-256-gcm"
+    raise SealError()
+
+
 def _parse(envelope: BytesLike, max_length: int) -> tuple[list[KeyRef], int, int]:
     """Strictly parse; returns refs, header length and ciphertext length. Raises SealError only."""
     if not _is_int(max_length) or not 0 <= max_length <= _U32:
@@ -357,7 +410,7 @@ def _parse(envelope: BytesLike, max_length: int) -> tuple[list[KeyRef], int, int
         if len(mv) < _PREFIX.size:
             raise SealError()
         magic, version, nrefs = _PREFIX.unpack_from(mv)
-        if magic != MAGIC or version != VERSION or not 1 <= nrefs <= MAX_REFS:
+        if magic not in (MAGIC, MAGIC_GCM) or version != VERSION or not 1 <= nrefs <= MAX_REFS:
             raise SealError()
         header_len = _PREFIX.size + nrefs * _REF.size + _CT_LEN.size
         if len(mv) < header_len + TAG_SIZE:
@@ -371,7 +424,8 @@ def _parse(envelope: BytesLike, max_length: int) -> tuple[list[KeyRef], int, int
             refs.append(KeyRef(str(uuid.UUID(bytes=raw_id)), offset, length))
             total += length
         (ct_length,) = _CT_LEN.unpack_from(mv, header_len - _CT_LEN.size)
-        if ct_length > max_length or total != OTK_SIZE + ct_length:
+        need = GCM_KEY_SIZE if magic == MAGIC_GCM else OTK_SIZE + ct_length
+        if ct_length > max_length or total != need:
             raise SealError()
         if len(mv) != header_len + ct_length + TAG_SIZE:
             raise SealError()
@@ -403,6 +457,13 @@ def open_(envelope: BytesLike, keystream: KeyStream, *, max_length: int = MAX_LE
     mv = memoryview(envelope).cast("B")
     ct_end = header_len + ct_length
     key = memoryview(material)
+    if mv[:4] == MAGIC_GCM:
+        try:
+            return AESGCM(bytes(material)).decrypt(_GCM_NONCE, mv[header_len:], mv[:header_len])
+        except InvalidTag:
+            raise SealError() from None
+        finally:
+            _zero(material)
     try:
         try:
             Poly1305.verify_tag(key[:OTK_SIZE], mv[:ct_end], bytes(mv[ct_end:]))

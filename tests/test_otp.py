@@ -415,3 +415,44 @@ def test_fuzz_open_mutated_envelopes(frame: bytes, data: st.DataObject) -> None:
         pass
     else:
         pytest.fail("a mutated envelope opened")
+
+
+# -- the named hybrid mode: AES-256-GCM under a fresh 32-byte QKD key per frame ------------
+
+
+@pytest.mark.parametrize("size", [0, 1, 1000, 10_000])
+def test_gcm_round_trip_spends_32_bytes(size: int) -> None:
+    from qstore.otp import GCM_KEY_SIZE, envelope_cipher, key_cost, seal_gcm, seal_with
+
+    alice, bob = pair()
+    frame = os.urandom(size)
+    before = alice.available()
+    envelope = seal_gcm(frame, alice)
+    assert alice.available() == before - GCM_KEY_SIZE == before - key_cost("aes-256-gcm", size)
+    assert envelope_cipher(envelope) == "aes-256-gcm"
+    assert size < 8 or frame not in envelope
+    assert open_(envelope, bob) == frame
+    with pytest.raises(KeyReuse):
+        open_(envelope, bob)
+    otp_env = seal_with("otp", frame, alice)
+    assert envelope_cipher(otp_env) == "otp" and open_(otp_env, bob) == frame
+    with pytest.raises(LocalError):
+        seal_with("rot13", frame, alice)
+
+
+def test_gcm_tampering_and_key_length_lies_are_refused() -> None:
+    from qstore.otp import seal_gcm
+
+    alice, bob = pair()
+    envelope = bytearray(seal_gcm(b"x" * 500, alice))
+    envelope[-1] ^= 1
+    with pytest.raises(SealError):
+        open_(bytes(envelope), bob)
+    # an OTP envelope relabelled as GCM names 32 + len key bytes, not 32: refused before any key is used
+    alice, bob = pair()
+    env = bytearray(seal(b"y" * 100, alice))
+    env[:4] = b"QGCM"
+    available = bob.available()
+    with pytest.raises(SealError):
+        open_(bytes(env), bob)
+    assert bob.available() == available
