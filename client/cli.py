@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     from client import qkd_cli
 
     qkd_cli.add_parsers(sub)
+    from client import cluster_cli
+
+    cluster_cli.add_parsers(sub)
     return parser
 
 

@@ -150,9 +150,13 @@ class Seeds:
         return cls(links, local)
 
 
-def kme_links(links: Iterable[LinkState]) -> list[tuple[str, str, float]]:
-    """The KME-level links ``(kme.a, kme.b, rate)`` that :func:`qkd_sim.relay.next_hops` routes over."""
-    return [(kme_id(lk.a), kme_id(lk.b), lk.rate) for lk in links]
+def routes(site: str, links: Iterable[LinkState]) -> dict[str, str]:
+    """Relay routes of ``site``'s KME: KME ID → next-hop KME ID (:func:`qkd_sim.relay.next_hops`).
+
+    Routed over site names, then named by KME: sites and KMEs are one to one.
+    """
+    hops = relay.next_hops(site, [(lk.a, lk.b, lk.rate) for lk in links])
+    return {kme_id(dest): kme_id(hop) for dest, hop in hops.items()}
 
 
 def kme_config(
@@ -206,7 +210,7 @@ def kme_config(
         links=tuple(mine),
         cert=cert, key=key, ca=ca, host=me.host, port=port,
         local_seed=seeds.local.get(site),
-        routes=relay.next_hops(me_id, kme_links(by_pair.values())),
+        routes=routes(site, by_pair.values()),
         peers=peers,
         **overrides,
     )

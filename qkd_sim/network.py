@@ -199,8 +199,8 @@ class Network:
             raise ConfigError(f"{source}: [cluster] must be a table")
         _known(cluster, {"name", "k"}, f"{source}: [cluster]")
         try:
-            sites = [Site(**_known(s, Site, _where(source, "sites", i, s)))
-                     for i, s in enumerate(_entries(doc, "sites", source))]
+            sites = [_site(entry, _where(source, "sites", i, entry))
+                     for i, entry in enumerate(_entries(doc, "sites", source))]
             links = [_link(entry, _where(source, "links", i, entry))
                      for i, entry in enumerate(_entries(doc, "links", source))]
         except TypeError as exc:
@@ -290,6 +290,14 @@ def _known(entry: dict, allowed: type | set[str], where: str) -> dict:
     return entry
 
 
+def _site(entry: dict, where: str) -> Site:
+    _known(entry, Site, where)
+    try:
+        return Site(**entry)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 def _link(entry: dict, where: str) -> Link:
     entry = dict(entry)
     rate = entry.pop("rate", None)
@@ -297,7 +305,11 @@ def _link(entry: dict, where: str) -> Link:
         if rate != "unlimited":
             raise ConfigError(f"{where}: link rate must be \"unlimited\" (or use rate_bps)")
         entry["rate_bps"] = UNLIMITED
-    return Link(**_known(entry, Link, where))
+    _known(entry, Link, where)
+    try:
+        return Link(**entry)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 @dataclass(frozen=True)
