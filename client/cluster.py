@@ -385,9 +385,9 @@ def _live(state: ClusterState) -> list[str]:
 def _existing(root: Path) -> ClusterState | None:
     try:
         return ClusterState.load(root)
-    except ClusterStateError:
+    except ClusterStateError as exc:
         if (root / STATE_FILE).exists():
-            raise
+            raise ClusterStateError(f"{exc}: if no cluster runs there, remove the file") from None
         return None
 
 

@@ -147,6 +147,24 @@ def test_a_kme_config_comes_from_the_file_the_links_and_the_seeds(tmp_path):
         deploy.kme_config(net, "nowhere", links=links, seeds=seeds, kme_urls=urls, **files)
 
 
+def test_a_new_run_reuses_the_ca_certificates_and_node_data_but_not_the_ports(tmp_path):
+    net = Network.from_toml(LOCAL)
+    first = cluster.plan(net, LOCAL, tmp_path, nodes=True, epoch=1.0)
+    (first.nodes[2].data / "kept").write_text("shares")
+    files = {p: p.read_bytes() for p in [first.ca, *(tmp_path / "certs").iterdir()]}
+    second = cluster.plan(net, LOCAL, tmp_path, nodes=True, epoch=2.0)
+    assert {p: p.read_bytes() for p in files} == files
+    assert (second.nodes[2].data / "kept").read_text() == "shares"
+    assert [(n.id, n.x) for n in second.nodes] == [(f"node.site{i}", i) for i in range(1, 6)]
+    assert all(n.data == tmp_path / "nodes" / n.site and n.pid is None for n in second.nodes)
+    urls = [p.url for p in (*second.kmes, *second.nodes)]
+    assert len(set(urls)) == 11 and second.extra["links"][0]["epoch"] == 2.0
+    damaged = tmp_path / "certs" / "node.site1.pem"
+    damaged.write_text("garbage")  # issued again
+    cluster.plan(net, LOCAL, tmp_path, nodes=False, epoch=3.0)
+    assert damaged.read_bytes() not in (b"garbage", files[damaged])
+
+
 # -- the default cluster as processes --------------------------------------------------------
 
 
