@@ -242,13 +242,11 @@ def is_ours(pid: int | None, state: Path) -> bool:
     if not Path("/proc/self").exists():  # no procfs: trust the pid
         try:
             os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
+        except OSError:
             return False
         return True
-    args = _cmdline(pid)
-    return bool(args) and "client.cli" in args and str(state) in args  # type: ignore[operator]
+    args = _cmdline(pid) or []
+    return "client.cli" in args and str(state) in args
 
 
 def _reap(pid: int) -> None:
@@ -266,27 +264,48 @@ def _spawn(cmd: list[str], log: Path, cwd: Path) -> subprocess.Popen[bytes]:
                                 cwd=cwd, env=env, start_new_session=True, close_fds=True)
 
 
+def _signal(pids: Iterable[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _wait_gone(pids: list[int], state: Path, wait_s: float) -> list[int]:
+    """Wait until none of ``pids`` is ours any more, at most ``wait_s``; those still there."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        for pid in pids:
+            _reap(pid)
+        left = [pid for pid in pids if is_ours(pid, state)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
 def _stop(pids: Iterable[int], state: Path, timeout_s: float) -> list[int]:
     """SIGTERM each of our live ``pids``, SIGKILL those left after ``timeout_s``. Returns those signalled."""
     mine = [pid for pid in pids if is_ours(pid, state)]
-    for pid in mine:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    for sig, wait_s in ((signal.SIGKILL, timeout_s), (None, 5.0)):
-        deadline = time.monotonic() + wait_s
-        while True:
-            for pid in mine:
-                _reap(pid)
-            left = [pid for pid in mine if is_ours(pid, state)]
-            if not left or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        if sig is None or not left:
-            break
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
+    _signal(mine, signal.SIGTERM)
+    left = _wait_gone(mine, state, timeout_s)
+    if left:
+        _signal(left, signal.SIGKILL)
+        _wait_gone(left, state, 5.0)
     return mine
+
+
+def _stop_children(procs: Iterable[subprocess.Popen[bytes]], timeout_s: float) -> None:
+    """Stop processes this one started (known to be ours: no command-line check, no pid reuse)."""
+    procs = list(procs)
+    for p in procs:
+        with contextlib.suppress(OSError):
+            p.terminate()
+    deadline = time.monotonic() + timeout_s
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def _tail(path: Path | None, lines: int = LOG_TAIL_LINES) -> str:
@@ -438,13 +457,14 @@ def _health_targets(state: ClusterState) -> list[tuple[str, str, str, tuple[str,
 
 
 async def _wait_healthy(state: ClusterState, procs: dict[str, subprocess.Popen[bytes]],
-                        timeout_s: float) -> None:
+                        deadline: float, timeout_s: float) -> None:
+    """Until every process in ``procs`` answers its health check; fails at its first exit or at ``deadline``
+    (``timeout_s`` after `up` began)."""
     import aiohttp
 
     logs = {p.id: p.log for p in (*state.kmes, *state.nodes)}
-    pending = {pid: (kind, url, expect) for kind, pid, url, expect in _health_targets(state)}
+    pending = {pid: (kind, url, expect) for kind, pid, url, expect in _health_targets(state) if pid in procs}
     last: dict[str, str] = {}
-    deadline = time.monotonic() + timeout_s
     connector = aiohttp.TCPConnector(ssl=_client_ssl(state), force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
         while pending:
@@ -504,19 +524,18 @@ def up(config: Path | None, root: Path, *, nodes: bool | None = None,
     try:
         write_secrets(layout.secrets, deploy.Seeds.new(net))
         state.save()
-        for k in state.kmes:
-            procs[k.id] = _spawn(kme_command(config, k.site, root), layout.log(k.id), root)
-        for n in state.nodes:
-            procs[n.id] = _spawn(node_command(n.site, root), layout.log(n.id), root)
-        state = replace(state, kmes=tuple(replace(k, pid=procs[k.id].pid) for k in state.kmes),
-                        nodes=tuple(replace(n, pid=procs[n.id].pid) for n in state.nodes))
-        state.save()
-        asyncio.run(_wait_healthy(state, procs, timeout_s))
+        # KMEs first: a node may ask its KME for keys as soon as it runs
+        deadline = time.monotonic() + timeout_s
+        for phase in ("kmes", "nodes"):
+            members = getattr(state, phase)
+            for m in members:
+                cmd = kme_command(config, m.site, root) if phase == "kmes" else node_command(m.site, root)
+                procs[m.id] = _spawn(cmd, layout.log(m.id), root)
+            state = replace(state, **{phase: tuple(replace(m, pid=procs[m.id].pid) for m in members)})
+            state.save()
+            asyncio.run(_wait_healthy(state, procs, deadline, timeout_s))
     except BaseException:
-        _stop([p.pid for p in procs.values()], root, timeout_s=3.0)
-        for p in procs.values():
-            with contextlib.suppress(Exception):
-                p.wait(timeout=1.0)
+        _stop_children(procs.values(), timeout_s=3.0)
         _clear(layout)
         raise
     for p in procs.values():
