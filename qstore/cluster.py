@@ -16,7 +16,17 @@ Shape (``format`` 1; unknown keys are kept out, missing ones are an error)::
                 "pid": 4243, "data": "/abs/.qstore/nodes/site1", "log": "..."}, ...],
      "saes":  [{"id": "node.site1", "site": "site1", "kme": "kme.site1",
                 "cert": "/abs/.qstore/certs/node.site1.pem", "key": "..."},
-               {"id": "client", ...}, {"id": "gateway", ...}]}
+               {"id": "client", ...}, {"id": "gateway", ...}],
+     "links": [{"a": "site1", "b": "site2", "rate_bps": null, "capacity_bits": 8589934592,
+                "initial_bits": null, "epoch": 1795000000.0}, ...],
+     "started_at": 1795000000.0}
+
+``nodes`` lists the nodes that were started (none with ``--no-nodes``);
+``n`` counts every node site of the cluster file all the same. ``links`` and
+``started_at`` are sections of :attr:`ClusterState.extra` written by the
+launcher (:class:`qkd_sim.deploy.LinkState`): both KMEs of a link read its
+rate and epoch there, so that they agree (``rate_bps`` null: unlimited,
+``initial_bits`` null: the pools are full at ``epoch``).
 
 Link seeds (the simulated QKD links' shared secrets) are not in this file:
 they sit in ``secrets.json`` (mode 0600) and only KME processes read them.
