@@ -30,22 +30,25 @@ which wraps a KMECore, and refused here with 400 (:class:`NoDirectLink`).
 
 from __future__ import annotations
 
-import binascii
 import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from qkd_sim.pool import MAX_KEY_BITS, KeyIDNotYours, LinkConfig, LinkPool
+from qstore import b64
+from qstore.b64 import writable_bytes
 from qstore.errors import LocalError, RemoteError
 
 MAX_REQUEST_BYTES = 1 << 20
 """Largest request body a KME parses (a Key IDs list of thousands of IDs fits)."""
 MAX_ID_LENGTH = 64
+JSON_PIECE = 1 << 18
+"""Bytes per piece in which a KME writes a Key container (:meth:`KeyContainer.json_pieces`)."""
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _DECIMAL = re.compile(r"[0-9]{1,10}")
@@ -417,7 +420,7 @@ class Key:
         out: JSONObject = {"key_ID": self.key_ID}
         if self.key_ID_extension is not None:
             out["key_ID_extension"] = self.key_ID_extension
-        out["key"] = binascii.b2a_base64(self.key, newline=False).decode("ascii")
+        out["key"] = b64.encode(self.key).decode("ascii")
         if self.key_extension is not None:
             out["key_extension"] = self.key_extension
         return out
@@ -429,8 +432,8 @@ class Key:
         if not isinstance(encoded, str):
             raise EtsiError("key must be a base64 string")
         try:
-            raw = binascii.a2b_base64(encoded.encode("ascii"), strict_mode=True)
-        except (binascii.Error, UnicodeEncodeError):
+            raw = b64.decode(encoded.encode("ascii"))
+        except (b64.Base64Error, UnicodeEncodeError):
             raise EtsiError("key is not valid base64") from None
         return _build(cls, **{**obj, "key": raw})
 
@@ -458,26 +461,61 @@ class KeyContainer:
         return out
 
     def to_json_bytes(self) -> bytes:
-        """``dumps(self.to_json())``, with the keys written directly.
+        """``dumps(self.to_json())``, with the keys written directly (see :meth:`json_pieces`)."""
+        return b"".join(self.json_pieces(piece=1 << 62))
+
+    def _segments(self) -> Iterator[bytes | Key]:
+        """The JSON text in order: literal bytes, and keys whose base64 goes in their place."""
+        yield _KEYS_OPEN
+        for i, k in enumerate(self.keys):
+            if k.key_ID_extension is None and k.key_extension is None:
+                yield (b'{"key_ID":"' if i == 0 else b',{"key_ID":"') + k.key_ID.encode("ascii") + _KEY_FIELD
+                yield k
+                yield b'"}'
+            else:
+                yield (b"," if i else b"") + dumps(k.to_json())
+        if self.key_container_extension is None:
+            yield b"]}"
+        else:
+            yield b'],"key_container_extension":' + dumps(self.key_container_extension) + b"}"
+
+    def json_length(self) -> int:
+        """``len(self.to_json_bytes())``, without writing it (a Content-Length)."""
+        return sum(len(seg) if isinstance(seg, bytes) else b64.encoded_length(len(seg.key))
+                   for seg in self._segments())
+
+    def json_pieces(self, piece: int = JSON_PIECE) -> Iterator[bytes]:
+        """``dumps(self.to_json())`` in consecutive pieces of about ``piece`` bytes.
 
         key_IDs and base64 need no JSON escaping, so a key without extensions
-        is pasted in as is; the generic encoder would scan every character of
-        megabytes of base64.
+        is pasted in as is, its base64 written straight into the piece; the
+        generic encoder would scan every character of megabytes of base64. A
+        KME sends the pieces as they are made, so no whole body (22 MB for
+        16 keys of 1 MiB) is ever built, and the SAE decodes the first piece
+        while the KME encodes the next.
         """
-        parts = [b'{"keys":[']
-        for i, k in enumerate(self.keys):
-            if i:
-                parts.append(b",")
-            if k.key_ID_extension is None and k.key_extension is None:
-                parts += (_KEY_ID_FIELD, k.key_ID.encode("ascii"), _KEY_FIELD,
-                          binascii.b2a_base64(k.key, newline=False), b'"}')
-            else:
-                parts.append(dumps(k.to_json()))
-        parts.append(b"]")
-        if self.key_container_extension is not None:
-            parts += (b',"key_container_extension":', dumps(self.key_container_extension))
-        parts.append(b"}")
-        return b"".join(parts)
+        codec = b64.codec()
+        plan: list[bytes | memoryview] = []  # literal bytes, and key bytes to encode
+        size = 0
+        for seg in self._segments():
+            if isinstance(seg, bytes):
+                plan.append(seg)
+                size += len(seg)
+                continue
+            raw = memoryview(seg.key)
+            at = 0
+            while at < len(raw):
+                # whole groups of 3 bytes, so that the pieces' base64 joins up; at least one per piece
+                room = max((piece - size) // 4 * 3, 0 if size else 3)
+                if room == 0:
+                    yield _write_piece(plan, size, codec)
+                    plan, size = [], 0
+                    continue
+                part = raw[at : at + room]
+                plan.append(part)
+                size += b64.encoded_length(len(part))
+                at += len(part)
+        yield _write_piece(plan, size, codec)
 
     @classmethod
     def from_json(cls, data: object, *, limit: int = MAX_REQUEST_BYTES) -> KeyContainer:
@@ -499,6 +537,22 @@ _KEY_ID_FIELD = b'{"key_ID":"'
 _KEY_FIELD = b'","key":"'
 _KEYS_OPEN = b'{"keys":['
 _UUID_LENGTH = 36
+
+
+def _write_piece(plan: list[bytes | memoryview], size: int, codec: b64.Codec) -> bytes:
+    """One piece of a Key container: literals copied, key bytes base64-encoded in place."""
+    if size < 64:
+        return b"".join(p if isinstance(p, bytes) else codec.encode(p) for p in plan)
+    out, view = writable_bytes(size)
+    with view:
+        at = 0
+        for p in plan:
+            if isinstance(p, bytes):
+                view[at : at + len(p)] = p
+                at += len(p)
+            else:
+                at += codec.encode_into(p, view[at:])
+    return out
 
 
 def _compact_keys(body: bytes | bytearray) -> tuple[Key, ...] | None:
@@ -531,8 +585,8 @@ def _compact_keys(body: bytes | bytearray) -> tuple[Key, ...] | None:
             if not key_id.isascii() or not _UUID.fullmatch(key_id.decode("ascii")):
                 return None
             try:
-                raw = binascii.a2b_base64(view[key_at:key_end], strict_mode=True)
-            except binascii.Error:
+                raw = b64.decode(view[key_at:key_end])
+            except b64.Base64Error:
                 return None
             if not raw:
                 return None

@@ -51,6 +51,7 @@ from aiohttp import web
 
 from qkd_sim import pki, relay
 from qkd_sim.etsi014 import (
+    JSON_PIECE,
     MAX_REQUEST_BYTES,
     EtsiError,
     KeyContainer,
@@ -155,9 +156,28 @@ def _json(obj: object, status: int = 200) -> web.Response:
     return web.Response(body=dumps(obj), status=status, content_type="application/json")
 
 
-def _keys(container: KeyContainer) -> web.Response:
-    """A Key container answer: the same bytes as ``_json(container.to_json())``, written faster."""
-    return web.Response(body=container.to_json_bytes(), content_type="application/json")
+async def _keys(request: web.Request, container: KeyContainer) -> web.StreamResponse:
+    """A Key container answer: the bytes of ``_json(container.to_json())``, sent as they are written.
+
+    A large container goes out piece by piece (:meth:`KeyContainer.json_pieces`,
+    with a Content-Length), so that the SAE decodes one piece while the next
+    is encoded, and no whole body is ever held. The status is sent with the
+    first piece: by then the request has been served (keys are handed out
+    all or nothing before), so nothing but the connection can fail.
+    """
+    length = container.json_length()
+    if length <= JSON_PIECE:
+        return web.Response(body=container.to_json_bytes(), content_type="application/json")
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = length
+    await response.prepare(request)
+    try:
+        for piece in container.json_pieces():
+            await response.write(piece)
+        await response.write_eof()
+    except ConnectionError:  # the SAE went away; its keys are spent, as if it had read them
+        log.info("KME %s: connection lost while sending keys", request.app[CONFIG].kme_id)
+    return response
 
 
 def _error(status: int, exc: BaseException | str) -> web.Response:
@@ -284,7 +304,7 @@ async def _enc_keys(request: web.Request) -> web.Response:
     container = kme.enc_keys(caller, request.match_info["slave_SAE_ID"], key_request, now)
     if isinstance(container, RelayStep):
         container = await _send_relay(request.app, container)
-    return _keys(container)
+    return await _keys(request, container)
 
 
 async def _dec_keys(request: web.Request) -> web.Response:
@@ -296,7 +316,7 @@ async def _dec_keys(request: web.Request) -> web.Response:
         key_ids = KeyIDs.from_query(request.query)
     now = request.app[CONFIG].clock()
     container = kme.dec_keys(caller, request.match_info["master_SAE_ID"], key_ids, now)
-    return _keys(container)
+    return await _keys(request, container)
 
 
 async def _relay(request: web.Request) -> web.Response:

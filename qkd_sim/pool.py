@@ -87,8 +87,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from qstore.b64 import writable_bytes
 from qstore.errors import KeyShortage, LocalError, RemoteError
 from qstore.otp import _Intervals
+from qstore.rng import AesCtrRandom
 
 MAX_KEY_BITS = 8 * 2**20
 """Largest key a pool hands out: 1 MiB."""
@@ -103,8 +105,10 @@ _HALF_MASK = (1 << _HALF) - 1
 _START_SHIFT, _SIZE_SHIFT, _ZERO_SHIFT = 68, 48, 32
 _UUID_FORM = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _SALT = b"qkd_sim.pool v1"
-_RUN_BYTES = 1 << 20
-"""Adjacent keys up to this many bytes in all come from one AES-CTR call."""
+_RUN_BYTES = 1 << 18
+"""Adjacent small keys up to this many bytes in all come from one keystream call."""
+_SMALL_KEY = 1 << 14
+"""Keys from this size on are generated one by one, in place."""
 _IPAD = bytes(x ^ 0x36 for x in range(256))  # HMAC key pads, as translate tables
 _OPAD = bytes(x ^ 0x5C for x in range(256))
 
@@ -306,6 +310,7 @@ class LinkPool:
         self.initial_bits = float(min(initial_bits, capacity_bits))
         self.epoch = float(epoch)
         self._stream_key = _hkdf(seed, b"stream\x00" + label)
+        self._keystream = AesCtrRandom(self._stream_key)  # the same stream, by our VAES kernel where it runs
         self.codec = KeyIDCodec(_hkdf(seed, b"key_ID\x00" + label), _hkdf(seed, b"pair tag\x00" + label))
         # master end
         self._level = self.initial_bits
@@ -327,27 +332,56 @@ class LinkPool:
 
     # -- the key stream -------------------------------------------------------
 
+    def _fill(self, out: memoryview, start: int) -> None:
+        """Write stream bytes ``start .. start + len(out)`` into ``out``."""
+        skip = start % 16
+        if skip:  # the first, partial block: OpenSSL's CTR from the block holding ``start``
+            iv = (start // 16).to_bytes(16, "big")
+            enc = Cipher(algorithms.AES(self._stream_key), modes.CTR(iv)).encryptor()
+            head = min(len(out), 16 - skip)
+            out[:head] = enc.update(bytes(skip + head))[skip:]
+            out, start = out[head:], start + head
+        if len(out):
+            self._keystream.fill(out, start)
+
     def _material(self, start: int, length: int) -> bytes:
-        block, skip = divmod(start, 16)
-        enc = Cipher(algorithms.AES(self._stream_key), modes.CTR(block.to_bytes(16, "big"))).encryptor()
-        return enc.update(bytes(skip + length))[skip:]
+        """The stream bytes of one key, written straight into the bytes object handed out."""
+        if length < 2:  # writable_bytes cannot make these
+            one = bytearray(length)
+            with memoryview(one) as view:
+                self._fill(view, start)
+            return bytes(one)
+        key, view = writable_bytes(length)
+        with view:
+            self._fill(view, start)
+        return key
 
     def _materials(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
-        """The bytes of each (start, size) range; runs of adjacent small ranges share one AES call."""
+        """The bytes of each (start, size) range.
+
+        Large keys are generated in place (:meth:`_material`); runs of adjacent
+        small ones share one keystream call into a scratch buffer, which is
+        wiped once they are copied out.
+        """
         out: list[bytes] = []
         i, n = 0, len(ranges)
         while i < n:
             first = ranges[i][0]
             end = first + ranges[i][1]
             j = i + 1
-            while j < n and ranges[j][0] == end and end + ranges[j][1] - first <= _RUN_BYTES:
-                end += ranges[j][1]
-                j += 1
+            if ranges[i][1] < _SMALL_KEY:
+                while (j < n and ranges[j][0] == end and ranges[j][1] < _SMALL_KEY
+                       and end + ranges[j][1] - first <= _RUN_BYTES):
+                    end += ranges[j][1]
+                    j += 1
             if j == i + 1:
                 out.append(self._material(first, end - first))
             else:
-                run = self._material(first, end - first)
-                out.extend(run[start - first : start - first + size] for start, size in ranges[i:j])
+                run = bytearray(end - first)
+                with memoryview(run) as view:
+                    self._fill(view, first)
+                    out.extend(bytes(view[at - first : at - first + size]) for at, size in ranges[i:j])
+                run[:] = bytes(len(run))
             i = j
         return out
 
