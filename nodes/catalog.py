@@ -63,10 +63,11 @@ def check_bucket(name: object) -> str:
     """S3's rules: 3-63 of [a-z0-9.-], alphanumeric at both ends, no '..', not an IPv4 address."""
     if not isinstance(name, str) or not _BUCKET.fullmatch(name) or ".." in name:
         raise InvalidName(f"invalid bucket name {name!r}")
-    with contextlib.suppress(ValueError):
+    try:
         ipaddress.IPv4Address(name)
-        raise InvalidName(f"invalid bucket name {name!r} (an IP address)")
-    return name
+    except ValueError:
+        return name
+    raise InvalidName(f"invalid bucket name {name!r} (an IP address)")
 
 
 def check_key(key: object) -> str:

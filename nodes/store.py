@@ -827,19 +827,25 @@ class Store:
         complete = False
         files: dict[str, int | None] = {}
         try:
-            while not complete and not (max_bytes is not None and checked and nbytes >= max_bytes):
+            while True:
                 with self._lock:
                     batch = self._db.scrub_batch(cursor, _SCRUB_BATCH)
-                complete = not batch
+                consumed = 0
                 for upload_id, index, offset, length, digest, bucket, key, oid, ver in batch:
                     if max_bytes is not None and checked and nbytes >= max_bytes:
                         break
+                    consumed += 1
                     reason = self._check_chunk(files, upload_id, bytes(oid), ver, offset, length,
                                                bytes(digest))
                     if reason is not None:
                         marks.append((upload_id, index, reason))
                         bad.append(BadChunk(bucket, key, bytes(oid), ver, index, reason))
                     checked, nbytes, cursor = checked + 1, nbytes + length, (upload_id, index)
+                if consumed < len(batch):
+                    break  # out of budget
+                if len(batch) < _SCRUB_BATCH:
+                    complete = True
+                    break
         finally:
             for fd in files.values():
                 if fd is not None:
