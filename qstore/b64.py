@@ -38,13 +38,33 @@ from qstore.errors import LocalError, RemoteError
 Backend = Literal["vbmi512", "numpy"]
 ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 _BLOCK_IN, _BLOCK_OUT = 48, 64  # bytes and characters per kernel block
-_SMALL = 256  # below this many bytes a kernel call costs more than binascii
+# Below these many (decoded) bytes the few microseconds of a kernel call cost more than binascii.
+_SMALL_ENCODE = 8192
+_SMALL_DECODE = 2048
 _NUMPY_PIECE = 3 << 14  # bytes per numpy step (multiple of 48): bounds the temporaries
 _PAD = 0x3D  # "="
 
 _new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
 _new_bytes.restype = ctypes.py_object
 _new_bytes.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+_bytes_at = ctypes.pythonapi.PyBytes_AsString
+_bytes_at.restype = ctypes.c_void_p
+_bytes_at.argtypes = (ctypes.py_object,)
+
+
+class _PyBuffer(ctypes.Structure):
+    """``Py_buffer`` (part of the stable ABI since Python 3.11)."""
+
+    _fields_ = (("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p), ("len", ctypes.c_ssize_t),
+                ("itemsize", ctypes.c_ssize_t), ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p), ("strides", ctypes.c_void_p),
+                ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p))
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = (ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int)
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = (ctypes.POINTER(_PyBuffer),)
 
 
 class Base64Error(RemoteError):
@@ -64,8 +84,7 @@ def writable_bytes(n: int) -> tuple[bytes, memoryview]:
     if not isinstance(n, int) or n < 2:
         raise LocalError("writable_bytes needs n >= 2 (shorter bytes objects may be shared singletons)")
     out = _new_bytes(None, n)
-    addr = np.frombuffer(out, dtype=np.uint8).ctypes.data
-    return out, memoryview((ctypes.c_ubyte * n).from_address(addr)).cast("B")
+    return out, memoryview((ctypes.c_ubyte * n).from_address(_bytes_at(out))).cast("B")
 
 
 def encoded_length(nbytes: int) -> int:
@@ -108,12 +127,22 @@ def _out(out: object, need: int) -> memoryview:
 
 
 def _address(view: memoryview) -> int:
-    return np.frombuffer(view, dtype=np.uint8).ctypes.data
+    """Where the (C-contiguous, non-empty) buffer starts; the caller keeps it alive and unresized."""
+    if not view.readonly:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view))
+    if type(view.obj) is bytes and len(view) == len(view.obj):
+        return _bytes_at(view.obj)  # type: ignore[no-any-return]
+    info = _PyBuffer()
+    _get_buffer(view, ctypes.byref(info), 0)  # PyBUF_SIMPLE
+    try:
+        return info.buf  # type: ignore[no-any-return]
+    finally:
+        _release_buffer(ctypes.byref(info))
 
 
 def _tail_decode(text: memoryview) -> bytes:
     """The last characters (where padding lives), by binascii, minus its one leniency (see above)."""
-    if _PAD in text[:-2]:
+    if text[:-2].tobytes().find(b"=") >= 0:
         raise Base64Error("not valid base64 (padding before the last quad's end)")
     try:
         return binascii.a2b_base64(text, strict_mode=True)
@@ -146,7 +175,7 @@ class Codec:
         n = len(src)
         need = encoded_length(n)
         dst = _out(out, need)
-        body = n // _BLOCK_IN if n >= _SMALL else 0
+        body = n // _BLOCK_IN if n >= _SMALL_ENCODE else 0
         if body:
             if self._kernels is not None:
                 self._kernels.encode(_address(src), body, _address(dst))
@@ -160,7 +189,7 @@ class Codec:
     def encode(self, data: bytes | bytearray | memoryview) -> bytes:
         """The base64 of ``data`` (as ``binascii.b2a_base64(data, newline=False)``)."""
         n = len(_view(data))
-        if n < _SMALL:
+        if n < _SMALL_ENCODE:
             return binascii.b2a_base64(data, newline=False)
         out, view = writable_bytes(encoded_length(n))
         with view:
@@ -175,7 +204,7 @@ class Codec:
         n = len(src)
         need = decoded_length(src)
         dst = _out(out, need)
-        body = (n - 4) // _BLOCK_OUT if n >= 4 * _SMALL // 3 else 0  # the tail keeps the last quad
+        body = (n - 4) // _BLOCK_OUT if n >= 4 * _SMALL_DECODE // 3 else 0  # the tail keeps the last quad
         if body:
             if self._kernels is not None:
                 if self._kernels.decode(_address(src), body, _address(dst)) != body:
@@ -190,7 +219,7 @@ class Codec:
     def decode(self, text: bytes | bytearray | memoryview) -> bytes:
         """The bytes ``text`` encodes (as ``binascii.a2b_base64(text, strict_mode=True)``)."""
         need = decoded_length(text)
-        if need < _SMALL:
+        if need < _SMALL_DECODE:
             return _tail_decode(_view(text))
         out, view = writable_bytes(need)
         with view:

@@ -2,6 +2,7 @@
 
 import binascii
 import os
+import random
 import re
 import subprocess
 import sys
@@ -16,9 +17,10 @@ from qstore.errors import LocalError, RemoteError
 BACKENDS = b64.available_backends()
 ALPHABET = b64.ALPHABET
 
-# Long enough to go through the kernels (blocks of 64 characters) and their tails.
-data = st.binary(min_size=0, max_size=3000)
-sizes = st.integers(min_value=0, max_value=3000)
+# Short (binascii alone), and long enough for the kernels (blocks of 64 characters) and their tails.
+data = st.binary(min_size=0, max_size=3000) | st.builds(
+    lambda seed, n: random.Random(seed).randbytes(n), st.integers(0, 2**32), st.integers(0, 40_000))
+sizes = st.integers(min_value=0, max_value=12_000)
 
 
 @pytest.fixture(params=BACKENDS, scope="module")
