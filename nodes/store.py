@@ -854,6 +854,9 @@ class Store:
             db = self._db
             if marks:
                 db.mark_bad(marks, self.clock())
+                # A version that gc or a repair replaced meanwhile was not bad, only gone.
+                still = {(u, i) for u, i, _ in marks if db.is_bad(u, i)}
+                bad = [b for b, (u, i, _) in zip(bad, marks, strict=True) if (u, i) in still]
             if max_bytes is not None:
                 db.set_scrub_cursor(None if complete else cursor)
         return ScrubReport(checked, nbytes, tuple(bad), complete)
