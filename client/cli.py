@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     from client import cluster_cli
 
     cluster_cli.add_parsers(sub)
+    from client import storage_cli
+
+    storage_cli.add_parsers(sub, parse_size)
     return parser
 
 

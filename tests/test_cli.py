@@ -13,7 +13,7 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def test_demo_json_verifies_and_shares_look_like_noise(tmp_path):
-    p = run("demo", "--size", "3M", "--json", "--workdir", str(tmp_path))
+    p = run("demo", "--offline", "--size", "3M", "--json", "--workdir", str(tmp_path))
     assert p.returncode == 0, p.stderr
     report = json.loads(p.stdout)
     assert report["verified"] is True
@@ -27,14 +27,15 @@ def test_demo_json_verifies_and_shares_look_like_noise(tmp_path):
 
 
 def test_demo_text_output(tmp_path):
-    p = run("demo", "--size", "200k", "-k", "2", "-n", "3", "--strict-random", "--workdir", str(tmp_path))
+    p = run("demo", "--offline", "--size", "200k", "-k", "2", "-n", "3", "--strict-random",
+            "--workdir", str(tmp_path))
     assert p.returncode == 0, p.stderr
     assert "identical" in p.stdout and "os.urandom" in p.stdout
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["demo", "-k", "6", "-n", "3"], "need 2 <= k <= n"),
-    (["demo", "--file", "/nonexistent/file"], "No such file"),
+    (["demo", "--offline", "-k", "6", "-n", "3"], "need 2 <= k <= n"),
+    (["demo", "--offline", "--file", "/nonexistent/file"], "No such file"),
     (["demo", "--size", "12x"], "not a size"),
 ])
 def test_errors_are_one_line_without_traceback(args, needle):

@@ -1,0 +1,494 @@
+"""The storage node: an aiohttp shell around :class:`nodes.store.Store` and the sealed links.
+
+A node is an SAE of its site's KME. Share frames arrive sealed (one-time pad
+and one-time MAC, or the named hybrid AES-256-GCM mode) with key from the
+client's KME; the node resolves the key_IDs with ``dec_keys``, checks the tag,
+the frame and its digest, and only then stages the share. Shares go back out
+sealed with fresh key the node obtains with ``enc_keys`` (it is then the
+master SAE). Every request is mutual TLS; the caller is the SAE named by its
+client certificate, and its key stream is the one the envelope must open with.
+
+Routes (JSON unless said otherwise; errors are ``{"error": Name, "message"}``
+with the status the error carries)::
+
+    GET    /v1/health                       {"status": "ok", "site", "sae_id", "x"}
+    GET    /v1/status                       store figures, key spent per peer
+    GET    /v1/buckets                      {"buckets": [{"name", "created"}]}
+    PUT    /v1/buckets/{bucket}             {"created": bool}
+    DELETE /v1/buckets/{bucket}             204; 404 / 409 (not empty)
+    POST   /v1/uploads                      begin: {"upload_id", "bucket", "key", "object_id" (hex),
+                                            "version", "x", "k", "n"}
+    PUT    /v1/uploads/{upload_id}/chunks   body: a sealed envelope of one share frame
+    POST   /v1/uploads/{upload_id}/prepare  {"chunks": N}: all there, on disk (fsync)
+    POST   /v1/uploads/{upload_id}/commit   {"meta": {...}}: the version becomes visible
+    DELETE /v1/uploads/{upload_id}          abort
+    POST   /v1/tombstones                   {"bucket", "key", "object_id", "version", "meta"}
+    GET    /v1/versions?bucket=&key=        {"versions": [...]} newest first
+    GET    /v1/objects?bucket=&prefix=&start_after=&limit=   newest live version per key
+    GET    /v1/object-versions?bucket=&prefix=&key_marker=&limit=
+    GET    /v1/chunk?bucket=&key=&object_id=&version=&index=&cipher=   a sealed share frame
+    POST   /v1/admin/gc                     {"staging_ttl_s"?}: collect stale staging now
+    POST   /v1/admin/scrub                  re-check share digests now
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from nodes.store import Store, Upload, Version
+from qkd_sim import pki
+from qkd_sim.envelope_keys import envelope_keys, opening_keys
+from qkd_sim.kme import caller_of
+from qkd_sim.sae import KMEError, SAEClient, SAEConfig
+from qstore import otp
+from qstore.cluster import ClusterState, node_sae_id
+from qstore.errors import LocalError, QStoreError, RemoteError, SealError
+from qstore.framing import parse_frame
+
+log = logging.getLogger(__name__)
+
+MAX_ENVELOPE = otp.MAX_LENGTH + (1 << 16)
+MAX_JSON = 1 << 20
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+
+
+class Unauthorized(RemoteError):
+    status = 401
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    """One storage node: who it is, where its data lives, how it reaches its KME."""
+
+    site: str
+    sae_id: str
+    x: int
+    data_dir: Path
+    cert: Path
+    key: Path
+    ca: Path
+    kme_url: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    staging_ttl_s: float = 3600.0
+    superseded_ttl_s: float = 86400.0
+    gc_interval_s: float = 60.0
+    scrub_interval_s: float = 3600.0
+    scrub_bytes: int = 256 << 20
+    key_wait_s: float = 30.0
+    fsync: bool = True
+    clock: Callable[[], float] = field(default=time.time, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("data_dir", "cert", "key", "ca"):
+            object.__setattr__(self, name, Path(getattr(self, name)))
+        if not isinstance(self.x, int) or not 1 <= self.x <= 255:
+            raise LocalError("x must be in 1..255")
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise LocalError("port must be in [0, 65535]")
+
+    @classmethod
+    def from_state(cls, state: ClusterState, site: str, **overrides: Any) -> NodeConfig:
+        """The config of ``site``'s node as ``cluster.json`` describes it."""
+        node = state.node(site)
+        sae = state.sae(node.id)
+        host, _, port = node.url.removeprefix("https://").rpartition(":")
+        return cls(**{
+            "site": node.site, "sae_id": node.id, "x": node.x,
+            "data_dir": node.data or state.directory / "nodes" / node.site,
+            "cert": sae.cert, "key": sae.key, "ca": state.ca, "kme_url": state.kme_url_of(node.id),
+            "host": host.strip("[]"), "port": int(port), **overrides,
+        })
+
+
+CONFIG = web.AppKey("config", NodeConfig)
+STORE = web.AppKey("store", Store)
+SAE = web.AppKey("sae", SAEClient)
+STATS = web.AppKey("stats", dict)
+
+
+def _json(obj: object, status: int = 200) -> web.Response:
+    return web.json_response(obj, status=status)
+
+
+def version_json(v: Version) -> dict[str, Any]:
+    return {
+        "bucket": v.bucket, "key": v.key, "object_id": v.object_id.hex(), "version": v.version,
+        "x": v.x, "k": v.k, "n": v.n, "chunks": v.chunks, "share_bytes": v.share_bytes,
+        "deleted": v.deleted, "committed_at": v.committed_at, "meta": v.meta,
+    }
+
+
+@web.middleware
+async def _errors(request: web.Request,
+                  handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except QStoreError as exc:
+        return _json({"error": type(exc).__name__, "message": str(exc)}, exc.status)
+    except web.HTTPRequestEntityTooLarge:
+        return _json({"error": "TooLarge", "message": "request body too long"}, 413)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("node %s: internal error on %s %s", request.app[CONFIG].site, request.method,
+                      request.path)
+        return _json({"error": "InternalError", "message": "internal error"}, 500)
+
+
+def _caller(request: web.Request) -> str:
+    caller = caller_of(request)
+    if caller is None:
+        raise Unauthorized("a client certificate naming an SAE is required")
+    return caller
+
+
+async def _body_json(request: web.Request) -> dict[str, Any]:
+    raw = await request.content.read(MAX_JSON + 1)
+    if len(raw) > MAX_JSON:
+        raise RemoteError("JSON body too long")
+    try:
+        doc = json.loads(raw or b"{}")
+    except ValueError:
+        raise RemoteError("body is not JSON") from None
+    if not isinstance(doc, dict):
+        raise RemoteError("body must be a JSON object")
+    return doc
+
+
+def _q(request: web.Request, name: str, default: str | None = None) -> str:
+    value = request.query.get(name, default)
+    if value is None:
+        raise RemoteError(f"query parameter {name!r} is required")
+    return value
+
+
+def _int(value: object, name: str, low: int = 0, high: int = 2**63 - 1) -> int:
+    try:
+        out = int(value) if isinstance(value, str) else value
+    except ValueError:
+        raise RemoteError(f"{name} must be an integer") from None
+    if not isinstance(out, int) or isinstance(out, bool) or not low <= out <= high:
+        raise RemoteError(f"{name} must be an integer in [{low}, {high}]")
+    return out
+
+
+def _object_id(value: object) -> bytes:
+    if not isinstance(value, str) or not _HEX32.fullmatch(value):
+        raise RemoteError("object_id must be 32 lowercase hex digits")
+    return bytes.fromhex(value)
+
+
+def _count(request: web.Request, peer: str, what: str, nbytes: int) -> None:
+    per_peer = request.app[STATS].setdefault(peer, {"key_in": 0, "key_out": 0, "bytes_in": 0, "bytes_out": 0})
+    per_peer[what] += nbytes
+
+
+# -- handlers ------------------------------------------------------------------------
+
+
+async def _health(request: web.Request) -> web.Response:
+    c = request.app[CONFIG]
+    return _json({"status": "ok", "site": c.site, "sae_id": c.sae_id, "x": c.x})
+
+
+async def _status(request: web.Request) -> web.Response:
+    _caller(request)
+    c = request.app[CONFIG]
+    stats = await asyncio.to_thread(request.app[STORE].stats)
+    return _json({"site": c.site, "sae_id": c.sae_id, "x": c.x, "store": stats, "peers": request.app[STATS]})
+
+
+async def _buckets(request: web.Request) -> web.Response:
+    _caller(request)
+    return _json({"buckets": [{"name": b.name, "created": b.created} for b in request.app[STORE].buckets()]})
+
+
+async def _create_bucket(request: web.Request) -> web.Response:
+    _caller(request)
+    return _json({"created": request.app[STORE].create_bucket(request.match_info["bucket"])})
+
+
+async def _delete_bucket(request: web.Request) -> web.Response:
+    _caller(request)
+    request.app[STORE].delete_bucket(request.match_info["bucket"])
+    return web.Response(status=204)
+
+
+async def _begin(request: web.Request) -> web.Response:
+    _caller(request)
+    doc = await _body_json(request)
+    c = request.app[CONFIG]
+    x = _int(doc.get("x"), "x", 1, 255)
+    if x != c.x:
+        raise RemoteError(f"this node holds shares at x = {c.x}, not {x}")
+    upload_id = doc.get("upload_id")
+    if not isinstance(upload_id, str) or not _HEX32.fullmatch(upload_id):
+        raise RemoteError("upload_id must be 32 lowercase hex digits")
+    bucket, key = doc.get("bucket"), doc.get("key")
+    if not isinstance(bucket, str) or not isinstance(key, str):
+        raise RemoteError("bucket and key must be strings")
+    upload = Upload(upload_id=upload_id, bucket=bucket, key=key,
+                    object_id=_object_id(doc.get("object_id")), version=_int(doc.get("version"), "version"),
+                    x=x, k=_int(doc.get("k"), "k", 2, 255), n=_int(doc.get("n"), "n", 2, 255))
+    await asyncio.to_thread(request.app[STORE].begin, upload)
+    return _json({"upload_id": upload_id})
+
+
+async def _open(request: web.Request, caller: str, envelope: bytes) -> bytes:
+    """The frame inside a sealed envelope from ``caller`` (fetching its keys with dec_keys)."""
+    refs = otp.parse_envelope_refs(envelope, max_length=otp.MAX_LENGTH)
+    try:
+        stream = await opening_keys(request.app[SAE], caller, refs)
+    except KMEError as exc:
+        if exc.kme_status in (400, 401):
+            raise SealError() from None  # a replayed or invented key_ID: the KME has none for us
+        raise
+    spent = sum(r.length for r in refs)
+    try:
+        frame = otp.open_(envelope, stream)
+    finally:
+        stream.wipe()
+    _count(request, caller, "key_in", spent)
+    _count(request, caller, "bytes_in", len(envelope))
+    return frame
+
+
+async def _put_chunk(request: web.Request) -> web.Response:
+    caller = _caller(request)
+    if request.content_length is not None and request.content_length > MAX_ENVELOPE:
+        raise RemoteError("envelope too long")
+    envelope = await request.read()
+    frame = parse_frame(await _open(request, caller, envelope))
+    await asyncio.to_thread(request.app[STORE].write_chunk, request.match_info["upload_id"], frame.header,
+                            frame.body)
+    return _json({"index": frame.header.chunk_index})
+
+
+async def _prepare(request: web.Request) -> web.Response:
+    _caller(request)
+    doc = await _body_json(request)
+    chunks = _int(doc.get("chunks"), "chunks", 0, 2**32 - 1)
+    await asyncio.to_thread(request.app[STORE].prepare, request.match_info["upload_id"], chunks=chunks)
+    return _json({"prepared": True})
+
+
+async def _commit(request: web.Request) -> web.Response:
+    _caller(request)
+    doc = await _body_json(request)
+    meta = doc.get("meta", {})
+    if not isinstance(meta, dict):
+        raise RemoteError("meta must be a JSON object")
+    v = await asyncio.to_thread(request.app[STORE].commit, request.match_info["upload_id"], meta)
+    return _json(version_json(v))
+
+
+async def _abort(request: web.Request) -> web.Response:
+    _caller(request)
+    await asyncio.to_thread(request.app[STORE].abort, request.match_info["upload_id"])
+    return web.Response(status=204)
+
+
+async def _tombstone(request: web.Request) -> web.Response:
+    _caller(request)
+    doc = await _body_json(request)
+    bucket, key, meta = doc.get("bucket"), doc.get("key"), doc.get("meta", {})
+    if not isinstance(bucket, str) or not isinstance(key, str) or not isinstance(meta, dict):
+        raise RemoteError("bucket and key must be strings, meta an object")
+    v = request.app[STORE].tombstone(bucket, key, _object_id(doc.get("object_id")),
+                                     _int(doc.get("version"), "version"), meta)
+    return _json(version_json(v))
+
+
+async def _versions(request: web.Request) -> web.Response:
+    _caller(request)
+    versions = request.app[STORE].versions(_q(request, "bucket"), _q(request, "key"))
+    return _json({"versions": [version_json(v) for v in versions]})
+
+
+def _limit(request: web.Request) -> int:
+    return _int(request.query.get("limit", "1000"), "limit", 1, 10000)
+
+
+async def _objects(request: web.Request) -> web.Response:
+    _caller(request)
+    found = request.app[STORE].list(_q(request, "bucket"), prefix=request.query.get("prefix", ""),
+                                    start_after=request.query.get("start_after", ""), limit=_limit(request))
+    return _json({"objects": [version_json(v) for v in found]})
+
+
+async def _object_versions(request: web.Request) -> web.Response:
+    _caller(request)
+    found = request.app[STORE].list_versions(_q(request, "bucket"), prefix=request.query.get("prefix", ""),
+                                             key_marker=request.query.get("key_marker", ""),
+                                             limit=_limit(request))
+    return _json({"versions": [version_json(v) for v in found]})
+
+
+async def _get_chunk(request: web.Request) -> web.Response:
+    caller = _caller(request)
+    store = request.app[STORE]
+    cipher = request.query.get("cipher", "otp")
+    if cipher not in otp.CIPHERS:
+        raise RemoteError(f"cipher must be one of {', '.join(otp.CIPHERS)}")
+    v = store.version(_q(request, "bucket"), _q(request, "key"), _object_id(_q(request, "object_id")),
+                      _int(_q(request, "version"), "version"))
+    index = _int(_q(request, "index"), "index", 0, 2**32 - 1)
+    header, body = await asyncio.to_thread(store.read_chunk, v, index)
+    frame = header.to_bytes() + body
+    need = otp.key_cost(cipher, len(frame))
+    stream = await envelope_keys(request.app[SAE], caller, need)
+    try:
+        envelope = otp.seal_with(cipher, frame, stream)
+    finally:
+        stream.wipe()
+    _count(request, caller, "key_out", need)
+    _count(request, caller, "bytes_out", len(envelope))
+    return web.Response(body=envelope, content_type="application/octet-stream")
+
+
+async def _admin_gc(request: web.Request) -> web.Response:
+    _caller(request)
+    doc = await _body_json(request)
+    c = request.app[CONFIG]
+    ttl = doc.get("staging_ttl_s", c.staging_ttl_s)
+    if not isinstance(ttl, int | float) or ttl < 1:
+        raise RemoteError("staging_ttl_s must be a number >= 1")
+    report = await asyncio.to_thread(request.app[STORE].gc, staging_ttl_s=float(ttl),
+                                     superseded_ttl_s=c.superseded_ttl_s)
+    return _json(_plain(report))
+
+
+async def _admin_scrub(request: web.Request) -> web.Response:
+    _caller(request)
+    report = await asyncio.to_thread(request.app[STORE].scrub)
+    return _json(_plain(report))
+
+
+def _plain(obj: object) -> object:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [_plain(o) for o in obj]
+    if isinstance(obj, bytes):
+        return obj.hex()
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    return obj
+
+
+# -- resources -----------------------------------------------------------------------
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    c = app[CONFIG]
+    app[STORE] = await asyncio.to_thread(Store, c.data_dir, clock=c.clock, fsync=c.fsync)
+    sae = SAEClient(SAEConfig(sae_id=c.sae_id, kme_url=c.kme_url, cert=c.cert, key=c.key, ca=c.ca,
+                              key_size=8 * 2**20, batch=8, wait_s=c.key_wait_s))
+    app[SAE] = await sae.__aenter__()
+    tasks = [asyncio.create_task(_every(c.gc_interval_s, lambda: app[STORE].gc(
+                 staging_ttl_s=c.staging_ttl_s, superseded_ttl_s=c.superseded_ttl_s), "gc")),
+             asyncio.create_task(_every(c.scrub_interval_s,
+                                        lambda: app[STORE].scrub(max_bytes=c.scrub_bytes), "scrub"))]
+    try:
+        yield
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        await sae.close()
+        app[STORE].close()
+
+
+async def _every(interval_s: float, job: Callable[[], object], name: str) -> None:
+    """Run ``job`` in a worker thread every ``interval_s``; a failure is logged, never fatal."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            result = await asyncio.to_thread(job)
+            log.info("%s: %s", name, result)
+        except Exception:
+            log.exception("%s failed", name)
+
+
+def create_app(config: NodeConfig) -> web.Application:
+    """The node's aiohttp application (TLS is the server's: see :func:`start` and :func:`serve`)."""
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_ENVELOPE)
+    app[CONFIG] = config
+    app[STATS] = {}
+    app.cleanup_ctx.append(_resources)
+    r = app.router
+    r.add_get("/v1/health", _health)
+    r.add_get("/v1/status", _status)
+    r.add_get("/v1/buckets", _buckets)
+    r.add_put("/v1/buckets/{bucket}", _create_bucket)
+    r.add_delete("/v1/buckets/{bucket}", _delete_bucket)
+    r.add_post("/v1/uploads", _begin)
+    r.add_put("/v1/uploads/{upload_id}/chunks", _put_chunk)
+    r.add_post("/v1/uploads/{upload_id}/prepare", _prepare)
+    r.add_post("/v1/uploads/{upload_id}/commit", _commit)
+    r.add_delete("/v1/uploads/{upload_id}", _abort)
+    r.add_post("/v1/tombstones", _tombstone)
+    r.add_get("/v1/versions", _versions)
+    r.add_get("/v1/objects", _objects)
+    r.add_get("/v1/object-versions", _object_versions)
+    r.add_get("/v1/chunk", _get_chunk)
+    r.add_post("/v1/admin/gc", _admin_gc)
+    r.add_post("/v1/admin/scrub", _admin_scrub)
+    return app
+
+
+@dataclass
+class RunningNode:
+    config: NodeConfig
+    runner: web.AppRunner
+    url: str
+
+    @property
+    def store(self) -> Store:
+        return self.runner.app[STORE]
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start(config: NodeConfig) -> RunningNode:
+    """Start a node on ``config.host:config.port`` (0: a free port) in the running loop."""
+    runner = web.AppRunner(create_app(config), access_log=None)
+    await runner.setup()
+    try:
+        ctx = pki.server_ssl_context(config.cert, config.key, config.ca)
+        site = web.TCPSite(runner, config.host, config.port, ssl_context=ctx)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    host, port = runner.addresses[0][:2]
+    return RunningNode(config, runner, f"https://{host}:{port}")
+
+
+def serve(config: NodeConfig) -> None:
+    """Run one node until SIGTERM/SIGINT (blocking; for a standalone process)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    web.run_app(
+        create_app(config), host=config.host, port=config.port,
+        ssl_context=pki.server_ssl_context(config.cert, config.key, config.ca), access_log=None,
+        print=lambda msg: log.info("node %s: %s", config.site, msg),
+    )
+
+
+__all__ = ["NodeConfig", "create_app", "node_sae_id", "serve", "start", "version_json"]

@@ -1,0 +1,314 @@
+"""Client library against real KMEs and nodes (aiohttp over mutual TLS on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+
+import aiohttp
+import pytest
+
+from client.storage import QStore, QuorumError
+from qkd_sim import pki
+from qkd_sim.sae import KeySupplyExhausted
+from qstore import otp
+from qstore.cluster import CLIENT_SAE, node_sae_id
+from qstore.errors import LocalError, NoSuchBucket, NoSuchKey
+from qstore.framing import HEADER_SIZE
+from tests.storage_cluster import start_cluster
+
+CHUNK = 64 << 10
+
+
+@pytest.fixture
+async def cluster(tmp_path):
+    c = await start_cluster(tmp_path)
+    yield c
+    await c.close()
+
+
+def client(cluster, **kw):
+    kw.setdefault("chunk_size", CHUNK)
+    return QStore(cluster.state, **kw)
+
+
+async def test_put_get_round_trip_of_many_sizes(cluster):
+    async with client(cluster) as qs:
+        assert await qs.create_bucket("bucket-1") is True
+        assert await qs.create_bucket("bucket-1") is False
+        for size in (0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 17):
+            data = os.urandom(size)
+            report = await qs.put("bucket-1", f"obj-{size}", data)
+            assert report.size == size and report.nodes == cluster.sites
+            assert await qs.get_bytes("bucket-1", f"obj-{size}") == data
+
+
+async def test_file_objects_stream_both_ways(cluster, tmp_path):
+    data = os.urandom(5 * CHUNK + 123)
+    src = tmp_path / "in.bin"
+    src.write_bytes(data)
+    async with client(cluster) as qs:
+        await qs.create_bucket("files-1")
+        with src.open("rb") as f:
+            await qs.put("files-1", "dir/a.bin", f)
+        sink = io.BytesIO()
+        report = await qs.get("files-1", "dir/a.bin", sink)
+        assert sink.getvalue() == data
+        assert report.verified and not report.bad and len(report.nodes) >= cluster.k
+
+
+async def test_key_spent_is_reported_per_link_and_matches_the_frames(cluster):
+    data = os.urandom(2 * CHUNK + 5)
+    async with client(cluster) as qs:
+        await qs.create_bucket("bkt")
+        report = await qs.put("bkt", "k", data)
+        frames = [CHUNK, CHUNK, 5]
+        per_link = sum(HEADER_SIZE + f + otp.OTK_SIZE for f in frames)
+        assert {s: u.key_bytes for s, u in report.links.items()} == {s: per_link for s in cluster.sites}
+        assert all(u.bytes_sent > sum(frames) for u in report.links.values())
+        gcm = await QStore(cluster.state, chunk_size=CHUNK, link_cipher="aes-256-gcm").__aenter__()
+        try:
+            r2 = await gcm.put("bkt", "k2", data)
+            assert {u.key_bytes for u in r2.links.values()} == {3 * otp.GCM_KEY_SIZE}
+            assert await gcm.get_bytes("bkt", "k2") == data
+            assert (await gcm.head("bkt", "k2")).link_cipher == "aes-256-gcm"
+        finally:
+            await gcm.close()
+
+
+async def test_newest_version_wins_and_delete_hides_it(cluster):
+    async with client(cluster) as qs:
+        await qs.create_bucket("ver")
+        await qs.put("ver", "doc", b"first", meta={"owner": "alice"})
+        await qs.put("ver", "doc", b"second version", meta={"owner": "bob"})
+        assert await qs.get_bytes("ver", "doc") == b"second version"
+        info = await qs.head("ver", "doc")
+        assert info.size == 14 and info.user_meta == {"owner": "bob"} and len(info.holders) == 5
+        assert [i.key for i in await qs.list("ver")] == ["doc"]
+        await qs.delete("ver", "doc")
+        with pytest.raises(NoSuchKey):
+            await qs.get_bytes("ver", "doc")
+        with pytest.raises(NoSuchKey):
+            await qs.delete("ver", "doc")
+        assert await qs.list("ver") == []
+
+
+async def test_user_metadata_and_content_hash_are_secret_shared(cluster):
+    async with client(cluster) as qs:
+        await qs.create_bucket("meta")
+        await qs.put("meta", "x", b"top secret", meta={"patient": "Jane Doe"})
+    for site, node in cluster.nodes.items():
+        (v,) = node.store.versions("meta", "x")
+        blob = repr(v.meta)
+        assert "Jane" not in blob and hashlib.sha256(b"top secret").hexdigest() not in blob, site
+        assert v.meta["size"] == 10  # sizes are public, by design
+
+
+async def test_list_with_prefix_and_pages(cluster):
+    async with client(cluster) as qs:
+        await qs.create_bucket("lst")
+        for name in ("a/1", "a/2", "b/1", "a/3"):
+            await qs.put("lst", name, name.encode())
+        assert [i.key for i in await qs.list("lst", "a/")] == ["a/1", "a/2", "a/3"]
+        assert [i.key for i in await qs.list("lst", start_after="a/2", limit=1)] == ["a/3"]
+
+
+async def test_missing_bucket_and_bad_arguments(cluster):
+    async with client(cluster) as qs:
+        with pytest.raises(NoSuchBucket):
+            await qs.put("nope", "k", b"x")
+        await qs.create_bucket("yes")
+        with pytest.raises(NoSuchKey):
+            await qs.head("yes", "k")
+    with pytest.raises(LocalError):
+        QStore(cluster.state, write_quorum=3)  # below k+1
+    with pytest.raises(LocalError):
+        QStore(cluster.state, link_cipher="rot13")
+
+
+# -- failures ---------------------------------------------------------------------------------
+
+
+async def test_any_n_minus_k_nodes_down_still_reads(cluster):
+    data = os.urandom(3 * CHUNK)
+    async with client(cluster) as qs:
+        await qs.create_bucket("fff")
+        await qs.put("fff", "obj", data)
+    await cluster.stop_node("site1")
+    await cluster.stop_node("site4")
+    async with client(cluster, node_timeout_s=5) as qs:
+        sink = io.BytesIO()
+        report = await qs.get("fff", "obj", sink)
+        assert sink.getvalue() == data
+        assert set(report.failed) == {"site1", "site4"}
+        assert not report.verified  # only k nodes left: nothing to check against
+
+
+async def test_put_with_full_quorum_fails_cleanly_when_a_node_is_down(cluster):
+    async with client(cluster) as qs:
+        await qs.create_bucket("qqq")
+        await qs.put("qqq", "obj", b"old")
+    await cluster.stop_node("site2")
+    async with client(cluster, node_timeout_s=5) as qs:
+        with pytest.raises(QuorumError, match="site2"):
+            await qs.put("qqq", "obj", b"new" * 1000)
+        assert await qs.get_bytes("qqq", "obj") == b"old"
+    for site, node in cluster.nodes.items():
+        assert node.store.stats()["staging_uploads"] == 0, site
+
+
+async def test_put_with_lower_quorum_succeeds_and_repair_restores_the_node(cluster):
+    data = os.urandom(2 * CHUNK + 1)
+    async with client(cluster) as qs:
+        await qs.create_bucket("rrr")
+    await cluster.stop_node("site3")
+    async with client(cluster, write_quorum=4, node_timeout_s=5) as qs:
+        report = await qs.put("rrr", "obj", data)
+        assert "site3" in report.failed and len(report.nodes) == 4
+    await cluster.start_node("site3")
+    async with client(cluster) as qs:
+        assert (await qs.head("rrr", "obj")).holders == ("site1", "site2", "site4", "site5")
+        summary = await qs.repair("site3")
+        assert summary["repaired"] == ["rrr/obj"] and not summary["failed"]
+        assert (await qs.head("rrr", "obj")).holders == tuple(cluster.sites)
+        again = await qs.repair("site3")
+        assert again["repaired"] == []
+    # site3's share alone plus k-1 others rebuilds the data
+    await cluster.stop_node("site1")
+    await cluster.stop_node("site2")
+    async with client(cluster, node_timeout_s=5) as qs:
+        assert await qs.get_bytes("rrr", "obj") == data
+
+
+def _flip_stored_byte(cluster, site, bucket, key):
+    node = cluster.nodes[site]
+    (v,) = node.store.versions(bucket, key)
+    files = [p for p in (cluster.root / "nodes" / site / "objects").rglob("*") if p.is_file()]
+    assert files
+    for path in files:
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2] ^= 0x40
+        path.write_bytes(bytes(raw))
+    return v
+
+
+async def test_bit_rot_on_one_node_is_corrected_and_reported(cluster):
+    data = os.urandom(2 * CHUNK)
+    async with client(cluster) as qs:
+        await qs.create_bucket("rot")
+        await qs.put("rot", "obj", data)
+        _flip_stored_byte(cluster, "site2", "rot", "obj")
+        sink = io.BytesIO()
+        report = await qs.get("rot", "obj", sink)
+        assert sink.getvalue() == data
+        assert "site2" in report.bad or "site2" not in report.nodes
+        # and repair puts a good share back
+        await qs.repair("site2")
+    await cluster.stop_node("site1")
+    await cluster.stop_node("site3")
+    async with client(cluster, node_timeout_s=5) as qs:
+        report = await qs.get("rot", "obj", io.BytesIO())
+        assert not report.bad
+
+
+class _Pinned(dict):
+    """Latencies in which site1 always looks fastest."""
+
+    def get(self, key, default=None):
+        return -1.0 if key == "site1" else super().get(key, default)
+
+
+async def test_a_forged_validly_sealed_share_is_corrected_and_named(cluster, monkeypatch):
+    data = os.urandom(3 * CHUNK)
+    async with client(cluster) as qs:
+        await qs.create_bucket("forge")
+        await qs.put("forge", "obj", data)
+        store = cluster.nodes["site1"].store
+        real = store.read_chunk
+
+        def lying(v, index):
+            header, body = real(v, index)
+            forged = bytes(b ^ 0x5A for b in body[:64]) + body[64:]
+            from dataclasses import replace
+
+            return replace(header, digest=hashlib.sha256(forged).digest()), forged
+
+        monkeypatch.setattr(store, "read_chunk", lying)
+        qs._latency = _Pinned()  # ask the liar first, so that it is caught rather than skipped
+        sink = io.BytesIO()
+        report = await qs.get("forge", "obj", sink)
+        assert sink.getvalue() == data
+        assert "site1" in report.bad
+
+
+async def test_an_empty_key_pool_fails_naming_the_link_and_leaves_nothing(tmp_path):
+    cluster = await start_cluster(tmp_path, link_rate=0.0, capacity_bits=8 * (6 << 20), key_wait_s=1.0)
+    try:
+        async with client(cluster, key_wait_s=1.0) as qs:
+            await qs.create_bucket("dry")
+            with pytest.raises(KeySupplyExhausted, match=r"kme\.client"):
+                await qs.put("dry", "big", os.urandom(8 << 20))
+            with pytest.raises(NoSuchKey):
+                await qs.head("dry", "big")
+        for site, node in cluster.nodes.items():
+            assert node.store.stats()["staging_uploads"] == 0, site
+    finally:
+        await cluster.close()
+
+
+async def test_replayed_and_tampered_envelopes_are_refused(cluster):
+    captured = []
+    async with client(cluster) as qs:
+        await qs.create_bucket("www")
+        node = next(nd for nd in qs._nodes if nd.site == "site1")
+        orig = node.call
+
+        async def spy(method, path, **kw):
+            if path.endswith("/chunks"):
+                captured.append((path, kw["data"]))
+            return await orig(method, path, **kw)
+
+        node.call = spy
+        await qs.put("www", "obj", b"hello" * 100)
+        node.call = orig
+        path, envelope = captured[0]
+        upload = "/v1/uploads/" + "ab" * 16
+        ident = cluster.ids[CLIENT_SAE]
+        ctx = pki.client_ssl_context(ident.cert, ident.key, ident.ca)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+            base = cluster.urls["site1"]
+            async with s.post(base + "/v1/uploads", json={
+                    "upload_id": "ab" * 16, "bucket": "www", "key": "evil", "object_id": "cd" * 16,
+                    "version": 1, "x": 1, "k": 3, "n": 5}) as r:
+                assert r.status == 200
+            async with s.put(base + path, data=envelope) as r:  # replay into the old upload
+                assert r.status in (403, 404)
+            async with s.put(base + upload + "/chunks", data=envelope) as r:  # replay into a new one
+                assert r.status == 403 and (await r.json())["error"] == "SealError"
+            tampered = bytearray(envelope)
+            tampered[-20] ^= 1
+            async with s.put(base + upload + "/chunks", data=bytes(tampered)) as r:
+                assert r.status in (403, 409)
+
+
+async def test_wrong_certificates_are_refused(cluster, tmp_path):
+    rogue = pki.create_ca(tmp_path / "rogue")
+    ident = pki.issue(rogue, CLIENT_SAE, tmp_path / "rogue")
+    ctx = pki.client_ssl_context(ident.cert, ident.key, cluster.ids[CLIENT_SAE].ca)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+        with pytest.raises(aiohttp.ClientError):
+            async with s.get(cluster.urls["site1"] + "/v1/health"):
+                pass
+    # a node certificate cannot read as the client: its KME has no keys for it from the nodes
+    assert node_sae_id("site1") != CLIENT_SAE
+
+
+async def test_concurrent_puts_and_gets(cluster):
+    blobs = {f"o{i}": os.urandom(CHUNK + i * 1000) for i in range(6)}
+    async with client(cluster) as qs:
+        await qs.create_bucket("ccc")
+        await asyncio.gather(*(qs.put("ccc", name, data) for name, data in blobs.items()))
+        got = await asyncio.gather(*(qs.get_bytes("ccc", name) for name in blobs))
+        assert got == list(blobs.values())
