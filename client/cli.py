@@ -60,9 +60,33 @@ def _version() -> str:
     return f"qstore {__version__}"
 
 
+FAST_LOOP_COMMANDS = frozenset({"put", "get", "repair", "node", "kme", "demo"})
+"""Commands that move bulk data (or serve it) and own their process: they run on uvloop when installed."""
+
+
+def _fast_event_loop() -> None:
+    """uvloop when installed: its TLS and socket paths copy less than asyncio's (env QSTORE_UVLOOP=0: off)."""
+    import os
+
+    if os.environ.get("QSTORE_UVLOOP", "1") == "0":
+        return
+    try:
+        import uvloop
+    except ImportError:
+        return
+    import asyncio
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from qstore._memory import tune_allocator
+
+    tune_allocator()  # every qstore process (client, node, KME) moves 4 MiB buffers
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in FAST_LOOP_COMMANDS:
+        _fast_event_loop()
     handler: Handler = args.handler
     try:
         return handler(args)

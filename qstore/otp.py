@@ -304,7 +304,7 @@ class KeyStream:
         for ref in refs:
             entry = self._keys[ref.key_id]
             end = ref.offset + ref.length
-            out[pos : pos + ref.length] = entry.material[ref.offset : end]
+            out[pos : pos + ref.length] = memoryview(entry.material)[ref.offset : end]
             pos += ref.length
             _zero(entry.material, ref.offset, end)
             entry.used.add(ref.offset, end)
