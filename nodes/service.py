@@ -55,7 +55,7 @@ from qkd_sim.sae import KMEError, SAEClient, SAEConfig
 from qstore import otp
 from qstore.cluster import ClusterState, node_sae_id
 from qstore.errors import LocalError, QStoreError, RemoteError, SealError
-from qstore.framing import parse_frame
+from qstore.framing import HEADER_SIZE, split_frame
 
 log = logging.getLogger(__name__)
 
@@ -271,10 +271,9 @@ async def _put_chunk(request: web.Request) -> web.Response:
     if request.content_length is not None and request.content_length > MAX_ENVELOPE:
         raise RemoteError("envelope too long")
     envelope = await request.read()
-    frame = parse_frame(await _open(request, caller, envelope))
-    await asyncio.to_thread(request.app[STORE].write_chunk, request.match_info["upload_id"], frame.header,
-                            frame.body)
-    return _json({"index": frame.header.chunk_index})
+    header, body = split_frame(await _open(request, caller, envelope))  # the store checks the digest
+    await asyncio.to_thread(request.app[STORE].write_chunk, request.match_info["upload_id"], header, body)
+    return _json({"index": header.chunk_index})
 
 
 async def _prepare(request: web.Request) -> web.Response:
@@ -347,8 +346,8 @@ async def _get_chunk(request: web.Request) -> web.Response:
                       _int(_q(request, "version"), "version"))
     index = _int(_q(request, "index"), "index", 0, 2**32 - 1)
     header, body = await asyncio.to_thread(store.read_chunk, v, index)
-    frame = header.to_bytes() + body
-    need = otp.key_cost(cipher, len(frame))
+    frame = [header.to_bytes(), body]
+    need = otp.key_cost(cipher, HEADER_SIZE + len(body))
     stream = await envelope_keys(request.app[SAE], caller, need)
     try:
         envelope = otp.seal_with(cipher, frame, stream)

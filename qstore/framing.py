@@ -126,6 +126,46 @@ class Frame:
         return self.header.to_bytes() + self.body
 
 
+def encode_header(
+    *,
+    object_id: bytes,
+    object_version: int,
+    chunk_index: int,
+    x: int,
+    k: int,
+    n: int,
+    body: BytesLike,
+) -> bytes:
+    """The header of the frame of ``body`` (digest included), for senders that keep the body apart."""
+    return FrameHeader(
+        object_id=bytes(object_id),
+        object_version=object_version,
+        chunk_index=chunk_index,
+        x=x,
+        k=k,
+        n=n,
+        body_length=len(memoryview(body).cast("B")),
+        digest=hashlib.sha256(body).digest(),
+    ).to_bytes()
+
+
+def split_frame(buf: BytesLike, *, max_body: int = MAX_BODY) -> tuple[FrameHeader, memoryview]:
+    """Exactly one frame, as its header and a view of its body; the digest is NOT checked here.
+
+    For a receiver that checks the digest where it uses the body (a node's
+    store hashes as it writes), so that no share is hashed twice.
+    """
+    _check_max_body(max_body)
+    mv = _view(buf)
+    header = _parse_header(mv, max_body)
+    end = HEADER_SIZE + header.body_length
+    if len(mv) < end:
+        raise FrameError("truncated body")
+    if len(mv) > end:
+        raise FrameError("trailing bytes after frame")
+    return header, mv[HEADER_SIZE:end]
+
+
 def encode_frame(
     *,
     object_id: bytes,

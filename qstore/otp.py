@@ -51,7 +51,7 @@ from __future__ import annotations
 import struct
 import uuid
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -339,46 +339,71 @@ def _pack_header(refs: list[KeyRef], ct_length: int, magic: bytes = MAGIC) -> by
     return b"".join(parts)
 
 
+def _parts(frame: BytesLike | Sequence[BytesLike]) -> list[memoryview]:
+    pieces = [frame] if isinstance(frame, bytes | bytearray | memoryview) else list(frame)
+    try:
+        views = [memoryview(p).cast("B") for p in pieces]  # any contiguous buffer (numpy rows too)
+    except TypeError:
+        raise LocalError("frame must be bytes-like (or a sequence of bytes-like parts)") from None
+    if not views:
+        raise LocalError("frame must not be an empty sequence of parts")
+    if sum(len(v) for v in views) > _U32:
+        raise LocalError("frame too long for an envelope")
+    return views
+
+
+def seal_parts(frame: BytesLike | Sequence[BytesLike], keystream: KeyStream) -> bytearray:
+    """:func:`seal` of the concatenation of ``frame``'s parts, without joining them first.
+
+    A frame's header and its share body can stay where they are: the pad is
+    applied part by part straight into the envelope.
+    """
+    views = _parts(frame)
+    n = sum(len(v) for v in views)
+    refs, material = keystream.take(OTK_SIZE + n, max_refs=MAX_REFS)
+    try:
+        header = _pack_header(refs, n)
+        h = len(header)
+        out = bytearray(h + n + TAG_SIZE)
+        view = memoryview(out)
+        view[:h] = header
+        pad = memoryview(material)[OTK_SIZE:]
+        pos = 0
+        for part in views:
+            _xor_into(view[h + pos : h + pos + len(part)], part, pad[pos : pos + len(part)])
+            pos += len(part)
+        view[h + n :] = Poly1305.generate_tag(memoryview(material)[:OTK_SIZE], view[: h + n])
+        return out
+    finally:
+        _zero(material)
+
+
 def seal(frame: BytesLike, keystream: KeyStream) -> bytes:
     """Encrypt and authenticate one frame with fresh key from ``keystream``."""
     if not isinstance(frame, bytes | bytearray | memoryview):
         raise LocalError("frame must be bytes-like")
-    frame = memoryview(frame).cast("B")
-    if len(frame) > _U32:
-        raise LocalError("frame too long for an envelope")
-    refs, material = keystream.take(OTK_SIZE + len(frame), max_refs=MAX_REFS)
-    try:
-        header = _pack_header(refs, len(frame))
-        h, n = len(header), len(frame)
-        out = bytearray(h + n + TAG_SIZE)
-        view = memoryview(out)
-        view[:h] = header
-        _xor_into(view[h : h + n], frame, memoryview(material)[OTK_SIZE:])
-        view[h + n :] = Poly1305.generate_tag(memoryview(material)[:OTK_SIZE], view[: h + n])
-        return bytes(out)
-    finally:
-        _zero(material)
+    return bytes(seal_parts(frame, keystream))
 
 
-def seal_gcm(frame: BytesLike, keystream: KeyStream) -> bytes:
+def seal_gcm(frame: BytesLike | Sequence[BytesLike], keystream: KeyStream) -> bytes:
     """Hybrid mode: AES-256-GCM under a fresh 32-byte QKD key per frame (computationally secure only)."""
-    if not isinstance(frame, bytes | bytearray | memoryview):
-        raise LocalError("frame must be bytes-like")
-    frame = memoryview(frame).cast("B")
-    if len(frame) > _U32:
-        raise LocalError("frame too long for an envelope")
+    views = _parts(frame)
+    data = views[0] if len(views) == 1 else b"".join(views)
     refs, material = keystream.take(GCM_KEY_SIZE, max_refs=MAX_REFS)
     try:
-        header = _pack_header(refs, len(frame), MAGIC_GCM)
-        return header + AESGCM(bytes(material)).encrypt(_GCM_NONCE, frame, header)
+        header = _pack_header(refs, len(data), MAGIC_GCM)
+        return header + AESGCM(bytes(material)).encrypt(_GCM_NONCE, data, header)
     finally:
         _zero(material)
 
 
-def seal_with(cipher: str, frame: BytesLike, keystream: KeyStream) -> bytes:
-    """Seal with the link cipher named in :data:`CIPHERS` (``"otp"`` or ``"aes-256-gcm"``)."""
+def seal_with(cipher: str, frame: BytesLike | Sequence[BytesLike], keystream: KeyStream) -> bytes | bytearray:
+    """Seal with the link cipher named in :data:`CIPHERS` (``"otp"`` or ``"aes-256-gcm"``).
+
+    ``frame`` may be given as parts (header, body) that are sealed as one.
+    """
     if cipher == "otp":
-        return seal(frame, keystream)
+        return seal_parts(frame, keystream)
     if cipher == "aes-256-gcm":
         return seal_gcm(frame, keystream)
     raise LocalError(f"link cipher must be one of {', '.join(CIPHERS)}")
