@@ -128,6 +128,7 @@ class Report:
     bad: dict[str, str] = field(default_factory=dict)  # node -> what was wrong with what it sent
     links: dict[str, LinkUse] = field(default_factory=dict)
     verified: bool = True
+    slow: set[str] = field(default_factory=set)  # nodes that answered too slowly and were raced
 
     def link(self, site: str) -> LinkUse:
         return self.links.setdefault(site, LinkUse())
@@ -141,7 +142,7 @@ class Report:
             "op": self.op, "bucket": self.bucket, "key": self.key, "size": self.size,
             "seconds": round(self.seconds, 6), "version": self.version, "object_id": self.object_id,
             "link_cipher": self.link_cipher, "nodes": self.nodes, "failed": self.failed, "bad": self.bad,
-            "verified": self.verified, "key_bytes": self.key_bytes,
+            "verified": self.verified, "key_bytes": self.key_bytes, "slow": sorted(self.slow),
             "links": {site: vars(use) for site, use in sorted(self.links.items())},
         }
 
@@ -223,12 +224,13 @@ class QStore:
     (default, information-theoretic) or ``"aes-256-gcm"`` (computationally
     secure, keyed per frame from QKD key; for links whose key rate cannot
     carry the data). ``verify``: read one share more than needed, when a node
-    has it, to detect a wrong share.
+    has it, to detect a wrong share. ``hedge_s``: a node that has not sent a
+    share within this many seconds is raced by the next one.
     """
 
     def __init__(self, state: ClusterState, *, sae_id: str = CLIENT_SAE, chunk_size: int = DEFAULT_CHUNK,
                  write_quorum: int | None = None, link_cipher: str = "otp", verify: bool = True,
-                 key_wait_s: float = 30.0, node_timeout_s: float = 30.0):
+                 key_wait_s: float = 30.0, node_timeout_s: float = 30.0, hedge_s: float = 2.0):
         if not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK:
             raise LocalError(f"chunk size must be 1 byte to {MAX_CHUNK >> 20} MiB")
         if link_cipher not in otp.CIPHERS:
@@ -246,6 +248,7 @@ class QStore:
         self.link_cipher = link_cipher
         self.verify = verify
         self.node_timeout_s = node_timeout_s
+        self.hedge_s = hedge_s
         sae = state.sae(sae_id)
         self._sae_config = SAEConfig(sae_id=sae_id, kme_url=state.kme_url_of(sae_id), cert=sae.cert,
                                      key=sae.key, ca=state.ca, key_size=KEY_SIZE_BITS,
@@ -626,24 +629,8 @@ class QStore:
         shares: dict[str, Share] = {}
         queue = list(usable)
         while True:
-            need = want - len(shares)
-            batch, queue = queue[:need], queue[need:]
-            if batch:
-                results = await asyncio.gather(
-                    *(self._fetch_share(nd, bucket, key, cand, index, cipher, report) for nd in batch),
-                    return_exceptions=True)
-                for nd, res in zip(batch, results, strict=True):
-                    if isinstance(res, Share):
-                        shares[nd.site] = res
-                    elif isinstance(res, SealError | FrameError | ShareCorruption) or (
-                            isinstance(res, NodeError) and res.name == "ShareCorruption"):
-                        report.bad[nd.site] = f"chunk {index}: {res}"
-                    elif isinstance(res, QStoreError | TimeoutError | OSError):
-                        report.failed[nd.site] = "timed out" if isinstance(res, TimeoutError) else str(res)
-                    else:
-                        raise res
-                if len(shares) < want and queue:
-                    continue
+            await self._collect(shares, want, queue, report, index,
+                                lambda nd: self._fetch_share(nd, bucket, key, cand, index, cipher, report))
             if len(shares) < self.k:
                 raise QuorumError(f"chunk {index}: only {len(shares)} good shares, k = {self.k} needed: "
                                   + _why({**report.failed, **report.bad}))
@@ -657,9 +644,8 @@ class QStore:
                 except ShareCorruption as exc:
                     for x in exc.bad:
                         report.bad[site_of[x]] = f"chunk {index}: share disagrees with the others"
-                    if queue:  # more shares can outvote the bad one
-                        want = len(shares) + max(1, len(queue) if len(shares) - self.k < 2 else 1)
-                        want = min(want, len(shares) + len(queue))
+                    if queue:  # one more share can outvote the bad one
+                        want = len(shares) + 1
                         continue
                     raise
                 for x in decoded.bad:
@@ -667,6 +653,52 @@ class QStore:
                 data = decoded.data
             served.update(s for s in shares if s not in report.bad)
             return data
+
+    async def _collect(self, shares: dict[str, Share], want: int, queue: list[_Node], report: Report,
+                       index: int, fetch: Callable[[_Node], Awaitable[Share]]) -> None:
+        """Fetch shares from ``queue`` (fastest first) until ``want`` are in hand or no node is left.
+
+        A node that errs is replaced by the next one at once; one that is slow
+        (no answer within ``hedge_s``) gets a rival: the next node is asked
+        too, and whichever answers first is used.
+        """
+        pending: dict[asyncio.Task[Share], _Node] = {}
+
+        def launch(count: int) -> None:
+            for _ in range(min(count, len(queue))):
+                nd = queue.pop(0)
+                pending[asyncio.create_task(fetch(nd))] = nd
+
+        launch(want - len(shares))
+        try:
+            while pending and len(shares) < want:
+                done, _ = await asyncio.wait(pending, timeout=self.hedge_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    for nd in pending.values():
+                        report.slow.add(nd.site)
+                    launch(1)
+                    continue
+                for task in done:
+                    nd = pending.pop(task)
+                    exc = task.exception()
+                    if exc is None:
+                        shares[nd.site] = task.result()
+                        continue
+                    if isinstance(exc, SealError | FrameError | ShareCorruption) or (
+                            isinstance(exc, NodeError) and exc.name == "ShareCorruption"):
+                        report.bad[nd.site] = f"chunk {index}: {exc}"
+                    elif isinstance(exc, QStoreError | TimeoutError | OSError):
+                        report.failed[nd.site] = "timed out" if isinstance(exc, TimeoutError) else str(exc)
+                    else:
+                        raise exc
+                    launch(want - len(shares) - len(pending))
+        finally:
+            for task in pending:  # answers no longer needed (a slow node lost the race)
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(BaseException):
+                    await task
 
     # -- list / delete -----------------------------------------------------------------
 

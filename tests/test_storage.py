@@ -312,3 +312,28 @@ async def test_concurrent_puts_and_gets(cluster):
         await asyncio.gather(*(qs.put("ccc", name, data) for name, data in blobs.items()))
         got = await asyncio.gather(*(qs.get_bytes("ccc", name) for name in blobs))
         assert got == list(blobs.values())
+
+
+async def test_a_slow_node_is_raced_by_another(cluster, monkeypatch):
+    import time
+
+    data = os.urandom(2 * CHUNK)
+    async with client(cluster) as qs:
+        await qs.create_bucket("slow")
+        await qs.put("slow", "obj", data)
+    store = cluster.nodes["site1"].store
+    real = store.read_chunk
+
+    def sluggish(v, index):
+        time.sleep(1.5)  # in the node's worker thread: the node answers, late
+        return real(v, index)
+
+    monkeypatch.setattr(store, "read_chunk", sluggish)
+    async with client(cluster, hedge_s=0.2) as qs:
+        qs._latency = _Pinned()  # site1 looks fastest, so it is asked first
+        started = asyncio.get_running_loop().time()
+        sink = io.BytesIO()
+        report = await qs.get("slow", "obj", sink)
+        assert sink.getvalue() == data
+        assert "site1" in report.slow and "site1" not in report.nodes and report.verified
+        assert asyncio.get_running_loop().time() - started < 1.5 * 2
