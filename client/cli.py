@@ -8,8 +8,13 @@ reported by type.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+
+# Before numpy loads: qstore does no linear algebra in BLAS, and OpenBLAS's
+# idle worker threads spin on the two cores the data path needs.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from qstore.errors import QStoreError
 
@@ -66,8 +71,6 @@ FAST_LOOP_COMMANDS = frozenset({"put", "get", "repair", "node", "kme", "demo"})
 
 def _fast_event_loop() -> None:
     """uvloop when installed: its TLS and socket paths copy less than asyncio's (env QSTORE_UVLOOP=0: off)."""
-    import os
-
     if os.environ.get("QSTORE_UVLOOP", "1") == "0":
         return
     try:
