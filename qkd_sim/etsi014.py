@@ -599,6 +599,237 @@ def _compact_keys(body: bytes | bytearray) -> tuple[Key, ...] | None:
             pos += 1
 
 
+_UUID_TEXT = rb"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_FIRST_GAP = re.compile(rb'\{"keys":\[\{"key_ID":"(' + _UUID_TEXT + rb')","key":"')
+_NEXT_GAP = re.compile(rb'"\},\{"key_ID":"(' + _UUID_TEXT + rb')","key":"')
+_FIRST_GAP_LENGTH = len(_KEYS_OPEN) + len(_KEY_ID_FIELD) + _UUID_LENGTH + len(_KEY_FIELD)
+_NEXT_GAP_LENGTH = len(b'"},') + len(_KEY_ID_FIELD) + _UUID_LENGTH + len(_KEY_FIELD)
+_NO_KEYS = b'{"keys":[]}'
+_LAST = b'"}]}'
+_SHORT_TEXT = 64  # key text shorter than this is gathered before it is decoded
+
+
+class KeyContainerReader:
+    """A Key container parsed as it arrives, each key decoded straight into its bytes (sans-IO).
+
+    ``feed(data)`` the body as it comes, then ``finish()``: the same
+    :class:`KeyContainer`, or the same :class:`EtsiError`, as
+    ``KeyContainer.from_json(body, limit=limit)``. A body in the form
+    :meth:`KeyContainer.json_pieces` writes is decoded piece by piece while
+    the rest is in transit, without ever holding the body (22 MB of base64
+    for 16 keys of 1 MiB); the text between keys is checked against that
+    form, and base64 as strictly as :mod:`qstore.b64` does. At the first byte
+    that leaves the form, the reader rebuilds the text read so far (exactly:
+    only base64 that re-encodes to itself is decoded early) and hands the
+    whole body to the strict parser at the end.
+
+    ``key_bytes``: the size of the keys expected, if known; each key is then
+    decoded into a bytes object of that size, made once. Otherwise the first
+    key's size is taken for the others.
+    """
+
+    def __init__(self, *, limit: int = MAX_REQUEST_BYTES, key_bytes: int | None = None):
+        self._limit = limit
+        self._size_hint = key_bytes
+        self._received = 0
+        self._gaps: list[bytes] = []  # the fixed text before each key's base64
+        self._keys: list[tuple[str, bytes, bytes]] = []  # key_ID, key, its last 4 characters
+        self._gap = bytearray()  # the gap being read (or the end, once read)
+        self._in_key = False
+        self._ended = False
+        self._key_id = ""
+        # the key being decoded: its bytes object and a view on it, or parts when it outgrew that
+        self._out: bytes | None = None
+        self._view: memoryview | None = None
+        self._parts: list[bytes] = []
+        self._filled = 0
+        self._carry = b""  # undecoded characters of the key (fewer than 8)
+        self._body: list[bytes] | None = None  # the body as received, once it left the form
+
+    def __repr__(self) -> str:
+        return f"KeyContainerReader(<{len(self._keys)} keys, {self._received} bytes>)"
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """The next bytes of the body."""
+        self._received += len(data)
+        if self._received > self._limit:
+            self._body = None
+            self._release()
+            return
+        if self._body is not None:
+            self._body.append(bytes(data))
+            return
+        chunk = data if isinstance(data, bytes) else bytes(data)
+        pos, n = 0, len(chunk)
+        while pos < n:
+            if self._ended:
+                self._leave(chunk, pos)
+                return
+            if not self._in_key:
+                pos = self._read_gap(chunk, pos)
+                if pos < 0:
+                    return
+                continue
+            quote = chunk.find(b'"', pos)
+            end = n if quote < 0 else quote
+            if not self._read_text(chunk, pos, end, final=quote >= 0):
+                self._leave(chunk, pos)
+                return
+            pos = end
+            if quote >= 0:
+                self._in_key = False
+
+    def finish(self) -> KeyContainer:
+        """The Key container (EtsiError when the body is not one)."""
+        if self._received > self._limit:
+            raise EtsiError(f"body longer than {self._limit} bytes")
+        if self._body is None and not self._ended:
+            self._leave(b"", 0)  # cut short: the strict parser says how
+        if self._body is not None:
+            body, self._body = b"".join(self._body), None
+            return KeyContainer.from_json(body, limit=self._limit)
+        return KeyContainer(keys=tuple(Key(key_ID=kid, key=key) for kid, key, _ in self._keys))
+
+    # -- the form -----------------------------------------------------------------
+
+    def _read_gap(self, chunk: bytes, pos: int) -> int:
+        """Take the fixed text before the next key (or the end); the next position, -1 when left."""
+        first = not self._keys
+        short, full = (_NO_KEYS, _FIRST_GAP_LENGTH) if first else (_LAST, _NEXT_GAP_LENGTH)
+        gap = self._gap
+        if len(gap) < len(short):
+            take = len(short) - len(gap)
+            gap += chunk[pos : pos + take]
+            pos = min(len(chunk), pos + take)
+            if len(gap) < len(short):
+                return pos
+            if gap == short:
+                self._ended = True
+                return pos
+        take = full - len(gap)
+        gap += chunk[pos : pos + take]
+        pos = min(len(chunk), pos + take)
+        if len(gap) < full:
+            return pos
+        match = (_FIRST_GAP if first else _NEXT_GAP).fullmatch(gap)
+        if match is None:
+            self._leave(chunk, pos)
+            return -1
+        self._gaps.append(bytes(gap))
+        self._key_id = match.group(1).decode("ascii")
+        self._gap = bytearray()
+        self._in_key = True
+        self._start_key()
+        return pos
+
+    def _start_key(self) -> None:
+        size = self._size_hint
+        if size is not None and size >= 2:
+            self._out, self._view = writable_bytes(size)
+        self._parts, self._filled, self._carry = [], 0, b""
+
+    def _room(self, n: int) -> memoryview:
+        """Where the next ``n`` bytes of the key go."""
+        view = self._view
+        if view is not None and self._filled + n <= len(view):
+            return view[self._filled : self._filled + n]
+        if view is not None:  # more than expected: go on in parts
+            self._parts.append(bytes(view[: self._filled]))
+            self._release()
+        part = bytearray(n)
+        self._parts.append(part)  # type: ignore[arg-type]
+        return memoryview(part)
+
+    def _decode(self, text: bytes | memoryview) -> None:
+        """Decode whole quads of the key (Base64Error when they are not base64)."""
+        n = b64.decoded_length(text)
+        if n:
+            with self._room(n) as room:
+                b64.decode_into(text, room)
+            self._filled += n
+
+    def _read_text(self, chunk: bytes, pos: int, end: int, *, final: bool) -> bool:
+        """Decode the key's base64 in ``chunk[pos:end]`` (the rest of it when ``final``); False: left."""
+        filled, carry = self._filled, self._carry
+        try:
+            last = self._decode_text(chunk, pos, end, final=final)
+        except b64.Base64Error:
+            self._filled, self._carry = filled, carry  # as before this text, to rebuild it
+            return False
+        if final:
+            self._keys.append((self._key_id, self._finish_key(), last))
+        return True
+
+    def _decode_text(self, chunk: bytes, pos: int, end: int, *, final: bool) -> bytes:
+        """Decode what can be decoded now; when ``final``, the key's last 4 characters."""
+        with memoryview(chunk) as whole:
+            text = whole[pos:end]
+            carry = self._carry
+            if len(carry) + len(text) < _SHORT_TEXT:
+                text = memoryview(carry + bytes(text))
+            else:  # complete the carried quad; what follows is at least 54 characters
+                k = -len(carry) % 4
+                head, text = carry + bytes(text[:k]), text[k:]
+                if head.endswith(b"="):
+                    raise b64.Base64Error("padding before the end of a key")
+                self._decode(head)
+            if not final:
+                quads = len(text) // 4 * 4
+                if quads and text[quads - 1] == 0x3D:  # "=": the key's last quad, or an error; keep it
+                    quads -= 4
+                self._decode(text[:quads])
+                self._carry = bytes(text[quads:])
+                return b""
+            if len(text) < 4:
+                raise b64.Base64Error("a key's base64 is empty or not whole quads")
+            self._decode(text)
+            self._carry = b""
+            return bytes(text[-4:])
+
+    def _finish_key(self) -> bytes:
+        view, out = self._view, self._out
+        if view is not None and out is not None and self._filled == len(view):
+            self._release()
+            key = out
+        else:
+            if view is not None:
+                self._parts.append(bytes(view[: self._filled]))
+                self._release()
+            key = b"".join(self._parts)
+        self._out, self._parts, self._carry = None, [], b""
+        if self._size_hint is None:
+            self._size_hint = len(key)
+        return key
+
+    def _release(self) -> None:
+        if self._view is not None:
+            self._view.release()
+        self._view = self._out = None
+
+    # -- leaving the form ---------------------------------------------------------
+
+    def _leave(self, chunk: bytes, pos: int) -> None:
+        """From ``chunk[pos:]`` on the body is not in the form: keep it whole for the strict parser."""
+        self._body = [self._text_so_far(), bytes(chunk[pos:])]
+        self._keys, self._gaps, self._parts = [], [], []
+        self._release()
+
+    def _text_so_far(self) -> bytes:
+        """Exactly the text fed before the current position (see the class docstring)."""
+        parts: list[bytes] = []
+        for i, gap in enumerate(self._gaps):
+            parts.append(gap)
+            if i < len(self._keys):
+                _, key, last = self._keys[i]
+                parts += [b64.encode(key[: len(key) - (3 - last.count(b"="))]), last]
+        if self._in_key:  # the key being read: its quads so far, and what is not decoded yet
+            done = bytes(self._view[: self._filled]) if self._view is not None else b"".join(self._parts)
+            parts += [b64.encode(done[: self._filled]), self._carry]
+        else:
+            parts.append(bytes(self._gap))
+        return b"".join(parts)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Error:
     """Error data format (§6.5)."""

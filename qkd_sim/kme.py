@@ -64,6 +64,7 @@ from qkd_sim.etsi014 import (
 from qkd_sim.etsi014 import Error as EtsiErrorBody
 from qkd_sim.pool import LinkConfig
 from qkd_sim.relay import RelayFailed, RelayKME, RelayStep
+from qkd_sim.sae import keep_freed_heap
 from qstore.errors import LocalError, QStoreError
 
 log = logging.getLogger(__name__)
@@ -393,6 +394,7 @@ async def start(config: KMEConfig, *, sock: socket.socket | None = None) -> Runn
     ``sock``: listen on this bound socket instead, so that KMEs which name each
     other in ``peers`` can be given their addresses before any of them starts.
     """
+    keep_freed_heap()
     runner = web.AppRunner(create_app(config), access_log=None)
     await runner.setup()
     try:
@@ -413,6 +415,7 @@ async def start(config: KMEConfig, *, sock: socket.socket | None = None) -> Runn
 
 def serve(config: KMEConfig) -> None:
     """Run one KME until interrupted (blocking; for a standalone process). Port 0: any free one, logged."""
+    keep_freed_heap()
     web.run_app(
         create_app(config), host=config.host, port=config.port,
         ssl_context=pki.server_ssl_context(config.cert, config.key, config.ca),

@@ -25,13 +25,14 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -40,7 +41,7 @@ from qkd_sim import pki
 from qkd_sim.etsi014 import Error as ErrorBody
 from qkd_sim.etsi014 import (
     EtsiError,
-    KeyContainer,
+    KeyContainerReader,
     KeyIDs,
     KeyRequest,
     Status,
@@ -53,8 +54,11 @@ from qstore.otp import KeyRef, KeyStream, QKDKey
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 _API = "/api/v1/keys"
 _SMALL_BODY = 1 << 20
+_READ_BUFFER = 1 << 22  # body bytes aiohttp buffers before it stops reading the socket (default 64 KiB)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,21 +140,50 @@ class _Unavailable(Exception):
         super().__init__(message)
 
 
-async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+async def _read_bounded(resp: aiohttp.ClientResponse, limit: int,
+                        sink: Callable[[bytes], None] | None = None) -> bytes:
+    """The body (at most ``limit`` bytes), or b"" after feeding it to ``sink`` as it arrives."""
     if resp.content_length is not None and resp.content_length > limit:
         raise KMEError(f"KME answer of {resp.content_length} bytes exceeds {limit}", kme_status=resp.status)
     chunks, total = [], 0
-    async for chunk in resp.content.iter_chunked(1 << 16):
+    async for chunk in resp.content.iter_any():  # as received: no re-slicing
         total += len(chunk)
         if total > limit:
             raise KMEError(f"KME answer exceeds {limit} bytes", kme_status=resp.status)
-        chunks.append(chunk)
+        if sink is None:
+            chunks.append(chunk)
+        else:
+            sink(chunk)
     return b"".join(chunks)
 
 
 def _container_limit(number: int, size_bits: int) -> int:
     """Bound on a Key container body for ``number`` keys of ``size_bits``."""
     return number * (4 * math.ceil(size_bits / 24) + 256) + 4096
+
+
+_M_TOP_PAD = -2  # glibc's mallopt parameter
+HEAP_KEPT_BYTES = 64 << 20
+"""Freed heap a process that moves keys keeps for the next ones instead of returning it to the kernel."""
+
+
+def keep_freed_heap(nbytes: int = HEAP_KEPT_BYTES) -> bool:
+    """Have glibc keep up to ``nbytes`` of freed heap (``M_TOP_PAD``) in this process; False elsewhere.
+
+    Keys come and go in bursts of megabytes (16 keys of 1 MiB per request):
+    a KME makes them and frees them once sent, an SAE decodes them and
+    frees them once copied into its key streams. By default glibc gives such
+    a block back to the kernel as soon as a few MiB are free at the top of
+    the heap, and the next burst faults every page in again, at about
+    1.3 GB/s on our VMs: slower than making, encoding and encrypting the keys
+    together. The memory kept is bounded and reused by the next burst.
+    Process-wide: :class:`SAEClient` and the KME's :func:`~qkd_sim.kme.start`
+    and :func:`~qkd_sim.kme.serve` call it.
+    """
+    try:
+        return bool(ctypes.CDLL(None).mallopt(_M_TOP_PAD, nbytes))
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 class SAEClient:
@@ -173,9 +206,11 @@ class SAEClient:
         return f"SAEClient({self.config.sae_id} @ {self.config.kme_url})"
 
     async def __aenter__(self) -> SAEClient:
+        keep_freed_heap()
         if self._session is None:
             ctx = pki.client_ssl_context(self.config.cert, self.config.key, self.config.ca)
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx))
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx),
+                                                  read_bufsize=_READ_BUFFER)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -198,7 +233,8 @@ class SAEClient:
     # -- HTTP -------------------------------------------------------------------
 
     async def _call(self, method: str, path: str, *, limit: int, params: Mapping[str, str] | None = None,
-                    body: object = None) -> bytes:
+                    body: object = None, sink: Callable[[bytes], None] | None = None) -> bytes:
+        """The body of a 200 answer (fed to ``sink`` instead, if given); the ETSI errors raised."""
         if self._session is None:
             raise LocalError("use the SAEClient inside 'async with'")
         headers = {"Accept": "application/json"}
@@ -209,7 +245,10 @@ class SAEClient:
             async with self._session.request(method, self.config.kme_url + path, params=params, data=data,
                                              headers=headers) as resp:
                 status = resp.status
-                payload = await _read_bounded(resp, limit if status == 200 else _SMALL_BODY)
+                if status == 200:
+                    payload = await _read_bounded(resp, limit, sink)
+                else:
+                    payload = await _read_bounded(resp, _SMALL_BODY)
         except aiohttp.ClientError as exc:
             raise KMEError(f"cannot reach KME at {self.config.kme_url}: {type(exc).__name__}",
                            kme_status=None) from exc
@@ -240,8 +279,8 @@ class SAEClient:
             return f"{link}, relayed via {relay['next_hop_KME_ID']}"  # the reason names the hop that failed
         return link
 
-    async def _retrying(self, call: Callable[[], Awaitable[bytes]], *, master: str, slave: str,
-                        peer: str, outbound: bool) -> bytes:
+    async def _retrying(self, call: Callable[[], Awaitable[T]], *, master: str, slave: str,
+                        peer: str, outbound: bool) -> T:
         """Run ``call()`` again on 503, backing off, until ``wait_s`` has passed."""
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -288,14 +327,15 @@ class SAEClient:
         """Get key: ``number`` new keys of ``size`` bits (None: the KME's default) shared with ``slave``."""
         request = KeyRequest(number=number, size=size)
         size_bits = size if size is not None else (await self.limits(slave)).key_size
+        limit = _container_limit(number, size_bits)
 
-        async def call() -> bytes:
-            return await self._call("POST", self._path(slave, "enc_keys"), body=request.to_json(),
-                                    limit=_container_limit(number, size_bits))
+        async def call() -> list[QKDKey]:
+            reader = KeyContainerReader(limit=limit, key_bytes=size_bits // 8)
+            await self._call("POST", self._path(slave, "enc_keys"), body=request.to_json(), limit=limit,
+                             sink=reader.feed)
+            return self._keys(reader)
 
-        payload = await self._retrying(call, master=self.config.sae_id, slave=slave, peer=slave,
-                                       outbound=True)
-        keys = self._keys(payload, _container_limit(number, size_bits))
+        keys = await self._retrying(call, master=self.config.sae_id, slave=slave, peer=slave, outbound=True)
         if len(keys) != number or len({k.key_id for k in keys}) != number:
             raise KMEError(f"KME sent {len(keys)} distinct keys, {number} asked", kme_status=200)
         if any(8 * len(k.key) != size_bits for k in keys):
@@ -309,21 +349,23 @@ class SAEClient:
             return []
         limit = _SMALL_BODY + len(ids) * _container_limit(1, 8 * 2**20)
 
-        async def call() -> bytes:
-            return await self._call("POST", self._path(master, "dec_keys"),
-                                    body=KeyIDs.of(ids).to_json(), limit=limit)
+        async def call() -> list[QKDKey]:
+            reader = KeyContainerReader(limit=limit)
+            await self._call("POST", self._path(master, "dec_keys"), body=KeyIDs.of(ids).to_json(),
+                             limit=limit, sink=reader.feed)
+            return self._keys(reader)
 
-        payload = await self._retrying(call, master=master, slave=self.config.sae_id, peer=master,
-                                       outbound=False)
-        by_id = {k.key_id: k for k in self._keys(payload, limit)}
+        keys = await self._retrying(call, master=master, slave=self.config.sae_id, peer=master,
+                                    outbound=False)
+        by_id = {k.key_id: k for k in keys}
         if set(by_id) != set(ids) or len(by_id) != len(ids):
             raise KMEError("KME sent other keys than the key_IDs asked", kme_status=200)
         return [by_id[k] for k in ids]
 
     @staticmethod
-    def _keys(payload: bytes, limit: int) -> list[QKDKey]:
+    def _keys(reader: KeyContainerReader) -> list[QKDKey]:
         try:
-            container = KeyContainer.from_json(payload, limit=limit)
+            container = reader.finish()
         except EtsiError as exc:
             raise KMEError(f"KME sent a malformed Key container: {exc}", kme_status=200) from None
         return [QKDKey(k.key_ID, k.key) for k in container.keys]
