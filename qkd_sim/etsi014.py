@@ -462,7 +462,10 @@ class KeyContainer:
 
     def to_json_bytes(self) -> bytes:
         """``dumps(self.to_json())``, with the keys written directly (see :meth:`json_pieces`)."""
-        return b"".join(self.json_pieces(piece=1 << 62))
+        parts = []
+        for seg in self._segments():
+            parts.append(seg if isinstance(seg, bytes) else b64.encode(seg.key))
+        return b"".join(parts)
 
     def _segments(self) -> Iterator[bytes | Key]:
         """The JSON text in order: literal bytes, and keys whose base64 goes in their place."""
@@ -498,9 +501,17 @@ class KeyContainer:
         plan: list[bytes | memoryview] = []  # literal bytes, and key bytes to encode
         size = 0
         for seg in self._segments():
+            if size >= piece:
+                yield _write_piece(plan, size, codec)
+                plan, size = [], 0
             if isinstance(seg, bytes):
                 plan.append(seg)
                 size += len(seg)
+                continue
+            if len(seg.key) <= _SMALL_KEY:  # encoded whole: not worth a place in the plan
+                text = b64.encode(seg.key)
+                plan.append(text)
+                size += len(text)
                 continue
             raw = memoryview(seg.key)
             at = 0
@@ -537,12 +548,14 @@ _KEY_ID_FIELD = b'{"key_ID":"'
 _KEY_FIELD = b'","key":"'
 _KEYS_OPEN = b'{"keys":['
 _UUID_LENGTH = 36
+_SMALL_KEY = 1 << 13  # keys up to this many bytes are base64-encoded whole, and read from whole bodies
+_SMALL_BODY = 1 << 18  # Key containers up to this long are parsed whole (KeyContainerReader)
 
 
 def _write_piece(plan: list[bytes | memoryview], size: int, codec: b64.Codec) -> bytes:
     """One piece of a Key container: literals copied, key bytes base64-encoded in place."""
-    if size < 64:
-        return b"".join(p if isinstance(p, bytes) else codec.encode(p) for p in plan)
+    if all(isinstance(p, bytes) for p in plan):
+        return b"".join(plan)  # type: ignore[arg-type]
     out, view = writable_bytes(size)
     with view:
         at = 0
@@ -625,11 +638,14 @@ class KeyContainerReader:
 
     ``key_bytes``: the size of the keys expected, if known; each key is then
     decoded into a bytes object of that size, made once. Otherwise the first
-    key's size is taken for the others.
+    key's size is taken for the others. Bodies up to ``whole_below`` bytes are
+    gathered and parsed whole, which is faster for many small keys.
     """
 
-    def __init__(self, *, limit: int = MAX_REQUEST_BYTES, key_bytes: int | None = None):
+    def __init__(self, *, limit: int = MAX_REQUEST_BYTES, key_bytes: int | None = None,
+                 whole_below: int = _SMALL_BODY):
         self._limit = limit
+        self._whole_below = whole_below
         self._size_hint = key_bytes
         self._received = 0
         self._gaps: list[bytes] = []  # the fixed text before each key's base64
@@ -645,6 +661,7 @@ class KeyContainerReader:
         self._filled = 0
         self._carry = b""  # undecoded characters of the key (fewer than 8)
         self._body: list[bytes] | None = None  # the body as received, once it left the form
+        self._whole: list[bytes] | None = []  # the body while it is short enough to parse whole
 
     def __repr__(self) -> str:
         return f"KeyContainerReader(<{len(self._keys)} keys, {self._received} bytes>)"
@@ -653,12 +670,17 @@ class KeyContainerReader:
         """The next bytes of the body."""
         self._received += len(data)
         if self._received > self._limit:
-            self._body = None
+            self._body = self._whole = None
             self._release()
             return
         if self._body is not None:
             self._body.append(bytes(data))
             return
+        if self._whole is not None:
+            self._whole.append(bytes(data))
+            if self._received <= self._whole_below:
+                return
+            data, self._whole = b"".join(self._whole), None  # long: parse it as it comes from here on
         chunk = data if isinstance(data, bytes) else bytes(data)
         pos, n = 0, len(chunk)
         while pos < n:
@@ -683,6 +705,9 @@ class KeyContainerReader:
         """The Key container (EtsiError when the body is not one)."""
         if self._received > self._limit:
             raise EtsiError(f"body longer than {self._limit} bytes")
+        if self._whole is not None:  # short: the whole-body parser is faster
+            body, self._whole = b"".join(self._whole), None
+            return KeyContainer.from_json(body, limit=self._limit)
         if self._body is None and not self._ended:
             self._leave(b"", 0)  # cut short: the strict parser says how
         if self._body is not None:
@@ -723,13 +748,13 @@ class KeyContainerReader:
         return pos
 
     def _start_key(self) -> None:
-        size = self._size_hint
-        if size is not None and size >= 2:
-            self._out, self._view = writable_bytes(size)
         self._parts, self._filled, self._carry = [], 0, b""
 
     def _room(self, n: int) -> memoryview:
         """Where the next ``n`` bytes of the key go."""
+        hint = self._size_hint
+        if self._filled == 0 and self._view is None and hint is not None and 2 <= n <= hint:
+            self._out, self._view = writable_bytes(hint)
         view = self._view
         if view is not None and self._filled + n <= len(view):
             return view[self._filled : self._filled + n]
@@ -751,6 +776,15 @@ class KeyContainerReader:
     def _read_text(self, chunk: bytes, pos: int, end: int, *, final: bool) -> bool:
         """Decode the key's base64 in ``chunk[pos:end]`` (the rest of it when ``final``); False: left."""
         filled, carry = self._filled, self._carry
+        if final and not filled and not carry and 4 <= end - pos <= 2 * _SMALL_KEY:  # a whole small key here
+            try:
+                key = b64.decode(memoryview(chunk)[pos:end])
+            except b64.Base64Error:
+                return False
+            self._keys.append((self._key_id, key, chunk[end - 4 : end]))
+            if self._size_hint is None:
+                self._size_hint = len(key)
+            return True
         try:
             last = self._decode_text(chunk, pos, end, final=final)
         except b64.Base64Error:

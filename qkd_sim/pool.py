@@ -360,8 +360,7 @@ class LinkPool:
         """The bytes of each (start, size) range.
 
         Large keys are generated in place (:meth:`_material`); runs of adjacent
-        small ones share one keystream call into a scratch buffer, which is
-        wiped once they are copied out.
+        small ones share one keystream call, which they are sliced from.
         """
         out: list[bytes] = []
         i, n = 0, len(ranges)
@@ -377,11 +376,11 @@ class LinkPool:
             if j == i + 1:
                 out.append(self._material(first, end - first))
             else:
-                run = bytearray(end - first)
-                with memoryview(run) as view:
-                    self._fill(view, first)
-                    out.extend(bytes(view[at - first : at - first + size]) for at, size in ranges[i:j])
-                run[:] = bytes(len(run))
+                block, skip = divmod(first, 16)
+                iv = block.to_bytes(16, "big")
+                run = Cipher(algorithms.AES(self._stream_key), modes.CTR(iv)).encryptor().update(
+                    bytes(skip + end - first))
+                out.extend(run[skip + at - first : skip + at - first + size] for at, size in ranges[i:j])
             i = j
         return out
 

@@ -140,14 +140,17 @@ def _address(view: memoryview) -> int:
         _release_buffer(ctypes.byref(info))
 
 
-def _tail_decode(text: memoryview) -> bytes:
+def _tail_decode(text: bytes | bytearray | memoryview) -> bytes:
     """The last characters (where padding lives), by binascii, minus its one leniency (see above)."""
-    if text[:-2].tobytes().find(b"=") >= 0:
-        raise Base64Error("not valid base64 (padding before the last quad's end)")
     try:
-        return binascii.a2b_base64(text, strict_mode=True)
+        raw = binascii.a2b_base64(text, strict_mode=True)
     except binascii.Error:
         raise Base64Error("not valid base64 (characters, padding or length)") from None
+    n = len(text)
+    # '='s after a complete last quad make no bytes: binascii then gives fewer than the length says
+    if n % 4 or len(raw) != n // 4 * 3 - (n > 0 and text[-1] == _PAD) - (n > 1 and text[-2] == _PAD):
+        raise Base64Error("not valid base64 (padding after the last quad)")
+    return raw
 
 
 class Codec:
@@ -218,6 +221,9 @@ class Codec:
 
     def decode(self, text: bytes | bytearray | memoryview) -> bytes:
         """The bytes ``text`` encodes (as ``binascii.a2b_base64(text, strict_mode=True)``)."""
+        short = len(text) < _SMALL_DECODE
+        if short and (type(text) is bytes or (type(text) is memoryview and text.format == "B")):
+            return _tail_decode(text)  # straight to binascii
         need = decoded_length(text)
         if need < _SMALL_DECODE:
             return _tail_decode(_view(text))
