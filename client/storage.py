@@ -34,6 +34,7 @@ import collections
 import contextlib
 import hashlib
 import hmac
+import inspect
 import json
 import os
 import ssl
@@ -546,11 +547,21 @@ class QStore:
 
     # -- get ----------------------------------------------------------------------------
 
-    async def get(self, bucket: str, key: str, sink: BinaryIO, *, progress: Progress | None = None) -> Report:
-        """Write the newest version of ``bucket/key`` to ``sink``; the report names bad nodes."""
+    async def get(self, bucket: str, key: str, sink: Any, *, progress: Progress | None = None,
+                  start: int = 0, end: int | None = None, version: tuple[int, str] | None = None) -> Report:
+        """Write the newest version of ``bucket/key`` (bytes ``[start, end)`` of it) to ``sink``.
+
+        ``sink.write`` may be a coroutine (an aiohttp response). ``version``
+        (number, object ID), e.g. from :meth:`head`, reads exactly that
+        version. The report names bad and slow nodes. The whole object's
+        SHA-256 is checked when the whole object is read; a range is checked
+        share by share (digests, and the extra share).
+        """
         started = time.perf_counter()
         report = Report("get", bucket, key)
         cands = await self._candidates(bucket, key, report)
+        if version is not None:
+            cands = [c for c in cands if (c.version, c.object_id) == tuple(version)]
         if not cands:
             raise NoSuchKey(bucket, key)
         cand = cands[0]
@@ -561,33 +572,47 @@ class QStore:
         meta = first["meta"]
         report.version, report.object_id = cand.version, cand.object_id
         report.link_cipher = meta.get("link_cipher", "otp")
-        chunks, size = int(meta["chunks"]), int(meta["size"])
+        chunks, size, chunk_size = int(meta["chunks"]), int(meta["size"]), int(meta.get("chunk_size", 1))
+        end = size if end is None else end
+        if not (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end <= size):
+            raise LocalError(f"range [{start}, {end}) is not within the object's {size} bytes")
+        whole = (start, end) == (0, size)
+        indices = range(start // chunk_size, -(-end // chunk_size)) if end > start else range(0)
+        if whole:
+            indices = range(chunks)
         holders = sorted((nd for nd in self._nodes if nd.site in cand.holders),
                          key=lambda nd: self._latency.get(nd.site, 1.0))
         digest = hashlib.sha256()
-        pending: collections.deque[asyncio.Task[bytes]] = collections.deque()
+        pending: collections.deque[tuple[int, asyncio.Task[bytes]]] = collections.deque()
         served: set[str] = set()
         written = 0
+
+        async def emit_next() -> int:
+            index, task = pending.popleft()
+            data = memoryview(await task)
+            lo, hi = max(start - index * chunk_size, 0), min(end - index * chunk_size, len(data))
+            return await _emit(data[lo:hi], sink, digest if whole else None, progress)
+
         try:
-            for index in range(chunks):
-                pending.append(asyncio.create_task(
-                    self._fetch_chunk(bucket, key, cand, index, holders, report, served)))
+            for index in indices:
+                pending.append((index, asyncio.create_task(
+                    self._fetch_chunk(bucket, key, cand, index, holders, report, served))))
                 if len(pending) >= READ_WINDOW:
-                    written += await _emit(await pending.popleft(), sink, digest, progress)
+                    written += await emit_next()
             while pending:
-                written += await _emit(await pending.popleft(), sink, digest, progress)
+                written += await emit_next()
         finally:
-            for t in pending:
+            for _, t in pending:
                 t.cancel()
-            for t in pending:
+            for _, t in pending:
                 with contextlib.suppress(BaseException):  # the first failure is already on its way up
                     await t
-        if written != size:
-            raise ShareCorruption(f"object is {written} bytes, its metadata says {size}")
-        if digest.hexdigest() != secret.get("sha256"):
+        if written != end - start:
+            raise ShareCorruption(f"read {written} bytes, the range holds {end - start}")
+        if whole and digest.hexdigest() != secret.get("sha256"):
             raise ShareCorruption("the object's SHA-256 does not match what was stored",
                                   tuple(sorted(cand.holders[s]["x"] for s in report.bad)))
-        report.size = size
+        report.size = written
         report.nodes = sorted(served)
         report.seconds = time.perf_counter() - started
         return report
@@ -916,9 +941,11 @@ def _end_now(q: asyncio.Queue[bytes | None]) -> None:
     q.put_nowait(None)
 
 
-async def _emit(data: bytes, sink: BinaryIO, digest: Any, progress: Progress | None) -> int:
-    digest.update(data)
-    sink.write(data)
+async def _emit(data: bytes | memoryview, sink: Any, digest: Any, progress: Progress | None) -> int:
+    if digest is not None:
+        digest.update(data)
+    if inspect.isawaitable(written := sink.write(data)):
+        await written
     if progress is not None:
         progress(len(data))
     return len(data)

@@ -337,3 +337,35 @@ async def test_a_slow_node_is_raced_by_another(cluster, monkeypatch):
         assert sink.getvalue() == data
         assert "site1" in report.slow and "site1" not in report.nodes and report.verified
         assert asyncio.get_running_loop().time() - started < 1.5 * 2
+
+
+async def test_ranges_versions_and_async_sinks(cluster):
+    data = os.urandom(3 * CHUNK + 100)
+    async with client(cluster) as qs:
+        await qs.create_bucket("rng")
+        await qs.put("rng", "obj", data)
+        for start, end in [(0, 1), (5, CHUNK), (CHUNK - 1, CHUNK + 1), (CHUNK, 3 * CHUNK + 100),
+                           (17, 17), (3 * CHUNK + 99, 3 * CHUNK + 100), (0, len(data))]:
+            sink = io.BytesIO()
+            report = await qs.get("rng", "obj", sink, start=start, end=end)
+            assert sink.getvalue() == data[start:end] and report.size == end - start, (start, end)
+        with pytest.raises(LocalError):
+            await qs.get("rng", "obj", io.BytesIO(), start=10, end=len(data) + 1)
+        info = await qs.head("rng", "obj")
+        await qs.put("rng", "obj", b"newer")
+        old = io.BytesIO()
+        await qs.get("rng", "obj", old, version=(info.version, info.object_id))
+        assert old.getvalue() == data
+        assert await qs.get_bytes("rng", "obj") == b"newer"
+
+        class AsyncSink:
+            def __init__(self):
+                self.parts = []
+
+            async def write(self, chunk):
+                await asyncio.sleep(0)
+                self.parts.append(bytes(chunk))
+
+        sink = AsyncSink()
+        await qs.get("rng", "obj", sink)
+        assert b"".join(sink.parts) == b"newer"
