@@ -360,10 +360,13 @@ class QStore:
 
     # -- put ----------------------------------------------------------------------------
 
-    async def put(self, bucket: str, key: str, source: bytes | bytearray | memoryview | BinaryIO, *,
+    async def put(self, bucket: str, key: str, source: bytes | bytearray | memoryview | BinaryIO | Any, *,
                   meta: Mapping[str, str] | None = None, size: int | None = None,
                   progress: Progress | None = None) -> Report:
-        """Store ``source`` (bytes or a binary file object) as ``bucket/key``; a new version.
+        """Store ``source`` as ``bucket/key``; a new version.
+
+        ``source``: bytes, a binary file object, or an object with an async
+        ``read(n)`` (an aiohttp request body), read chunk by chunk.
 
         Raises QuorumError (nothing visible, the previous version stays) when
         fewer than W nodes hold every chunk at the end.
@@ -465,7 +468,7 @@ class QStore:
         index = 0
         rows = empty_rows(self.n, self.chunk_size)
         while True:
-            chunk = reader.read()
+            chunk = await reader.aread() if reader.is_async else reader.read()
             if chunk is None:
                 return index
             digest.update(chunk)
@@ -957,15 +960,39 @@ class _Reader:
     def __init__(self, source: bytes | bytearray | memoryview | BinaryIO, size: int):
         self.size = size
         self.total = 0
+        self.is_async = False
         if isinstance(source, bytes | bytearray | memoryview):
             self._mem: memoryview | None = memoryview(source).cast("B")
             self._file = None
+        elif inspect.iscoroutinefunction(getattr(source, "read", None)):
+            self._mem, self._file, self.is_async = None, source, True  # e.g. an aiohttp request body
+            self._buf = np.empty(size, dtype=np.uint8)
         elif hasattr(source, "readinto") or hasattr(source, "read"):
             self._mem, self._file = None, source
             self._buf = np.empty(size, dtype=np.uint8)
         else:
             raise LocalError("source must be bytes or a binary file object")
         self._done = False
+
+    async def aread(self) -> memoryview | None:
+        """The next chunk of an async source (``await source.read(n)``; b"" at the end)."""
+        if self._done:
+            return None
+        view = memoryview(self._buf)
+        got = 0
+        while got < self.size:
+            piece = await self._file.read(self.size - got)  # type: ignore[union-attr]
+            if not piece:
+                self._done = True
+                break
+            if got + len(piece) > self.size:
+                raise LocalError("source returned more bytes than asked")
+            view[got : got + len(piece)] = piece
+            got += len(piece)
+        if not got:
+            return None
+        self.total += got
+        return view[:got]
 
     def read(self) -> memoryview | None:
         if self._done:

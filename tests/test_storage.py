@@ -369,3 +369,23 @@ async def test_ranges_versions_and_async_sinks(cluster):
         sink = AsyncSink()
         await qs.get("rng", "obj", sink)
         assert b"".join(sink.parts) == b"newer"
+
+
+async def test_put_from_an_async_source(cluster):
+    data = os.urandom(2 * CHUNK + 7)
+
+    class Body:  # reads in odd pieces, as a network stream does
+        def __init__(self):
+            self.pos = 0
+
+        async def read(self, n):
+            await asyncio.sleep(0)
+            piece = data[self.pos : self.pos + min(n, 1000 + self.pos % 777)]
+            self.pos += len(piece)
+            return piece
+
+    async with client(cluster) as qs:
+        await qs.create_bucket("async-src")
+        report = await qs.put("async-src", "obj", Body())
+        assert report.size == len(data)
+        assert await qs.get_bytes("async-src", "obj") == data
