@@ -20,7 +20,17 @@ What it measures:
 * ``request_rate``: requests/s for small requests, ``get_status`` and ``enc_keys`` of one
   256-bit key, sequential and with 16 concurrent requests (one session, so up to 16
   keep-alive TLS connections);
+* ``transport_bound``: the same traffic as the sequential 1 MiB figure (a 16-key ``enc_keys``
+  at KME_A, then one at KME_B), read by plain aiohttp sessions and thrown away: no parsing,
+  no base64 decoding, no SAE. What the KMEs, TLS and the event loops cost without the SAE's
+  work, so the bound of the figure above;
 * ``target``: the sequential enc+dec MB/s of 1 MiB keys against the 300 MB/s goal.
+
+How it runs: each KME in its own process (as deployed), the SAEs in this one. The KMEs
+stream each Key container in 256 KiB pieces and the SAEs decode each piece as it arrives
+(:class:`qkd_sim.etsi014.KeyContainerReader`), base64 by :mod:`qstore.b64` (the backend is
+in the environment line); both kinds of process keep 64 MiB of freed heap
+(:func:`qkd_sim.sae.keep_freed_heap`).
 
 MB/s is key bytes / seconds with 1 MB = 10^6 bytes. Every measurement runs once untimed
 (warm-up: TLS handshakes, first allocations) and then the best of 3 timed runs is reported.
@@ -55,7 +65,8 @@ from _common import cpu_model, emit, log, mbps, parse_size, pkg_version
 
 from qkd_sim import kme, pki
 from qkd_sim.pool import LinkConfig
-from qkd_sim.sae import SAEClient, SAEConfig
+from qkd_sim.sae import HEAP_KEPT_BYTES, SAEClient, SAEConfig, keep_freed_heap
+from qstore import b64
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -215,6 +226,8 @@ def environment(mode: str, total: int, small_total: int, tls: dict[str, Any]) ->
         **tls,
         "kmes": mode,
         "client": "qkd_sim.sae.SAEClient, one aiohttp session per SAE, in the benchmark process",
+        "base64": b64.default_backend(),
+        "heap_kept_bytes": HEAP_KEPT_BYTES if keep_freed_heap() else 0,
         "cpu_model": cpu_model(),
         "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "platform": platform.platform(),
@@ -256,6 +269,50 @@ async def bench_delivery(a1: SAEClient, b1: SAEClient, key_bytes: int, per_reque
         "seconds": round(seconds, 3),
         "MBps": mbps(nbytes, seconds),
         "keys_per_s": round(requests * per_request / seconds, 1),
+    }
+
+
+async def bench_transport(ids: dict[str, pki.Identity], urls: dict[str, str], per_request: int,
+                          total: int) -> dict[str, Any]:
+    """A 1 MiB-key enc_keys at KME_A then one at KME_B, bodies read by aiohttp and discarded."""
+    key_bytes = MiB
+    requests = max(1, -(-total // (key_bytes * per_request)))
+    body = json.dumps({"number": per_request, "size": 8 * key_bytes}).encode()
+    sessions = {}
+    for sae in ("a1", "b1"):
+        ident = ids[sae]
+        ctx = pki.client_ssl_context(ident.cert, ident.key, ident.ca)
+        sessions[sae] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx), read_bufsize=1 << 22)
+
+    async def fetch(sae: str, kme_id: str, peer: str) -> None:
+        async with sessions[sae].post(f"{urls[kme_id]}/api/v1/keys/{peer}/enc_keys", data=body,
+                                      headers={"Content-Type": "application/json"}) as resp:
+            if resp.status != 200:
+                raise SystemExit(f"enc_keys at {kme_id} answered {resp.status}")
+            async for _ in resp.content.iter_any():
+                pass
+
+    async def run() -> None:
+        for _ in range(requests):
+            await fetch("a1", "KME_A", "b1")
+            await fetch("b1", "KME_B", "a1")
+
+    log(f"transport bound: {requests} x 2 x {per_request} x {key_bytes} B keys, bodies discarded")
+    try:
+        seconds = await best_of(run)
+    finally:
+        for session in sessions.values():
+            await session.close()
+    nbytes = requests * per_request * key_bytes
+    return {
+        "figure": "transport_bound",
+        "what": "enc_keys at KME_A + enc_keys at KME_B, bodies read and discarded (no SAE work)",
+        "key_bytes": key_bytes,
+        "keys_per_request": per_request,
+        "request_pairs": requests,
+        "key_MiB": round(nbytes / MiB, 3),
+        "seconds": round(seconds, 3),
+        "MBps": mbps(nbytes, seconds),
     }
 
 
@@ -308,6 +365,7 @@ async def run_bench(args: argparse.Namespace) -> int:
                     emit(record)
                     if key_bytes == MiB and concurrency == 1:
                         target = record["MBps"]
+                emit(await bench_transport(ids, cluster.urls, 2 if args.quick else 16, total))
 
                 for concurrency in (1, CONCURRENCY):
                     emit(await bench_rate("status", lambda: a1.get_status("b1"), requests, concurrency))

@@ -20,6 +20,7 @@ def test_kme_bench_quick_prints_json_figures():
     lines = [json.loads(line) for line in p.stdout.splitlines()]
     assert all(isinstance(d, dict) and "figure" in d for d in lines)
     assert lines[0]["figure"] == "environment" and lines[0]["tls"] == "TLSv1.3"
+    assert lines[0]["kmes"] == "process" and lines[0]["base64"] in ("vbmi512", "numpy")
 
     delivery = [d for d in lines if d["figure"] == "key_delivery"]
     assert {d["key_bytes"] for d in delivery} == {1024, 1048576}
@@ -27,6 +28,9 @@ def test_kme_bench_quick_prints_json_figures():
     for d in delivery:
         assert all(positive(d[k]) for k in ("keys_per_request", "request_pairs", "key_MiB", "seconds", "MBps",
                                             "keys_per_s")), d
+
+    (bound,) = [d for d in lines if d["figure"] == "transport_bound"]
+    assert bound["key_bytes"] == 1048576 and all(positive(bound[k]) for k in ("key_MiB", "seconds", "MBps"))
 
     rates = [d for d in lines if d["figure"] == "request_rate"]
     assert {(d["what"].split()[0], d["concurrency"]) for d in rates} == {

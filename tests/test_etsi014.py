@@ -4,6 +4,8 @@ import base64
 import contextlib
 import json
 import math
+import random
+import uuid
 
 import pytest
 from hypothesis import given
@@ -14,6 +16,7 @@ from qkd_sim.etsi014 import (
     EtsiError,
     Key,
     KeyContainer,
+    KeyContainerReader,
     KeyIDs,
     KeyRequest,
     KMECore,
@@ -251,3 +254,93 @@ def test_loads_is_strict_json_or_etsi_error(body):
     except EtsiError:
         return
     dumps(value)  # whatever parsed can be written back as standard JSON
+
+
+# -- Key containers written in pieces and read as they arrive ---------------------
+
+
+def container_of(sizes, rng, *, extensions=False):
+    keys = tuple(Key(key_ID=str(uuid.UUID(int=rng.getrandbits(128), version=4)), key=rng.randbytes(n),
+                     key_extension={"i": i} if extensions and i == 1 else None)
+                 for i, n in enumerate(sizes))
+    return KeyContainer(keys=keys, key_container_extension={"x": [1]} if extensions else None)
+
+
+key_sizes = st.lists(st.sampled_from([1, 2, 3, 47, 48, 49, 1000, 3000, 9000, 70_000]), max_size=5)
+
+
+@given(sizes=key_sizes, seed=st.integers(0, 2**32), piece=st.sampled_from([64, 1000, 4096, 1 << 18]),
+       extensions=st.booleans())
+def test_json_pieces_join_to_the_standard_json(sizes, seed, piece, extensions):
+    c = container_of(sizes, random.Random(seed), extensions=extensions)
+    expected = dumps(c.to_json())
+    assert c.to_json_bytes() == expected and c.json_length() == len(expected)
+    pieces = list(c.json_pieces(piece))
+    assert b"".join(pieces) == expected
+    # about ``piece`` each: a key of up to 8 KiB goes whole into one
+    assert all(len(p) <= piece + 11_100 for p in pieces)
+
+
+def read_in_chunks(body, cuts, **kw):
+    reader = KeyContainerReader(limit=kw.pop("limit", 1 << 30), whole_below=0, **kw)
+    at = 0
+    for cut in [*sorted(cuts), len(body)]:
+        reader.feed(body[at:cut])
+        at = cut
+    return reader.finish()
+
+
+def outcome(parse):
+    try:
+        return "ok", parse()
+    except EtsiError as exc:
+        return "error", str(exc)
+
+
+edits = st.lists(st.tuples(st.sampled_from(["replace", "insert", "delete"]), st.integers(0, 10**9),
+                           st.sampled_from(list(b'= A"}],{ \n/+\x80'))), max_size=3)
+
+
+@given(sizes=key_sizes, seed=st.integers(0, 2**32), cuts=st.lists(st.integers(0, 10**9), max_size=8),
+       edit=edits, reformat=st.booleans(), hint=st.sampled_from([None, 1, 3, 1000, 70_000]),
+       limit_cut=st.sampled_from([None, 0, 1]))
+def test_reader_gives_what_the_strict_parser_gives(sizes, seed, cuts, edit, reformat, hint, limit_cut):
+    """Any body, cut anywhere: the same keys, or the same EtsiError, as KeyContainer.from_json."""
+    body = bytearray(container_of(sizes, random.Random(seed)).to_json_bytes())
+    if reformat:  # valid JSON, but not in the compact form: the reader falls back to the strict parser
+        body = bytearray(json.dumps(json.loads(body), indent=1).encode())
+    for how, at, byte in edit:
+        at = at % (len(body) + 1)
+        if how == "insert" or not body:
+            body[at:at] = bytes([byte])
+        elif how == "replace":
+            body[min(at, len(body) - 1)] = byte
+        else:
+            del body[min(at, len(body) - 1)]
+    body = bytes(body)
+    limit = 1 << 30 if limit_cut is None else len(body) - limit_cut
+    cuts = [c % (len(body) + 1) for c in cuts]
+    expected = outcome(lambda: KeyContainer.from_json(body, limit=limit))
+    assert outcome(lambda: read_in_chunks(body, cuts, key_bytes=hint, limit=limit)) == expected
+    whole = KeyContainerReader(limit=limit)  # short bodies: gathered, parsed whole
+    whole.feed(body)
+    assert outcome(whole.finish) == expected
+
+
+def test_reader_decodes_mebibyte_keys_in_pieces():
+    c = container_of([1 << 20] * 3, random.Random(1))
+    body = c.to_json_bytes()
+    cuts = list(range(0, len(body), 65_537))
+    assert read_in_chunks(body, cuts, key_bytes=1 << 20) == c
+    assert read_in_chunks(body, cuts) == c
+    assert read_in_chunks(body, cuts, key_bytes=1000) == c  # a wrong size hint costs a copy, nothing else
+
+
+@pytest.mark.parametrize("tail", [b"=", b"===="])
+def test_padding_after_a_whole_quad_is_refused_by_both_parsers(tail):
+    """Python 3.11's binascii would take '=' after a complete last quad; RFC 4648 does not, nor do we."""
+    body = b'{"keys":[{"key_ID":"%s","key":"QUJD%s"}]}' % (KID.encode(), tail)
+    with pytest.raises(EtsiError):
+        KeyContainer.from_json(body)
+    with pytest.raises(EtsiError):
+        read_in_chunks(body, [])

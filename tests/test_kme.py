@@ -155,6 +155,22 @@ async def test_one_mebibyte_keys(ids, kmes):
         assert await b1.get_dec_keys("a1", [k.key_id for k in sent]) == sent
 
 
+async def test_large_key_containers_are_streamed_as_standard_json(ids, kmes):
+    """Sent in pieces with a Content-Length, the body is the standard JSON, base64 as RFC 4648."""
+    a, b, _ = kmes
+    async with raw(ids, "a1") as a1, raw(ids, "b1") as b1:
+        request = {"number": 3, "size": 8 * 700_001}
+        async with a1.post(f"{a.url}/api/v1/keys/b1/enc_keys", json=request) as resp:
+            assert resp.status == 200 and resp.content_type == "application/json"
+            body = await resp.read()
+            assert resp.content_length == len(body) and "Transfer-Encoding" not in resp.headers
+        sent = json.loads(body)["keys"]
+        assert [len(base64.b64decode(k["key"], validate=True)) for k in sent] == [700_001] * 3
+        status, got = await call(b1, "POST", f"{b.url}/api/v1/keys/a1/dec_keys",
+                                 json={"key_IDs": [{"key_ID": k["key_ID"]} for k in sent]})
+        assert status == 200 and json.loads(got)["keys"] == sent
+
+
 async def test_concurrent_callers_never_share_a_key(ids, kmes):
     a, b, _ = kmes
     clients = [client(ids, name, a) for name in SAES_A]

@@ -196,3 +196,31 @@ def test_random_key_ids_are_refused_as_remote_errors(key_id):
     with pytest.raises((KeyIDRejected, KeyIDNotYours)) as err:  # 401 for one guess in 2^16
         slave.lookup([key_id], 1.0, **PAIR)
     assert isinstance(err.value, RemoteError)
+
+
+def reference_stream(master_kme, slave_kme, start, length):
+    """Bytes ``start .. start + length`` of a direction's stream, as the module docstring defines it."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    info = b"stream\x00" + master_kme.encode() + b"\x00" + slave_kme.encode()
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"qkd_sim.pool v1", info=info).derive(SEED)
+    return Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(start + length))[start:]
+
+
+@pytest.mark.parametrize("requests", [  # (count, size in bytes) per take
+    [(5, 1), (1, 2), (1, 13), (2, 17)],
+    [(1, 100_003), (1, 5), (1, 1 << 20), (1, 7)],
+    [(40, 1024), (1, 70_001), (3, 20_000)],
+])
+def test_keys_are_the_documented_stream_at_any_offset(requests):
+    """Large keys are made in place by our AES kernel, runs of small ones by OpenSSL: the same stream."""
+    master, slave = ends()
+    taken = []
+    for count, size in requests:
+        taken += master.take(count, 8 * size, 0.0, **PAIR)
+    keys = [key for _, key in taken]
+    assert b"".join(keys) == reference_stream("A", "B", 0, sum(c * s for c, s in requests))
+    assert slave.lookup([kid for kid, _ in taken], 0.0, **PAIR) == keys
+    assert all(type(k) is bytes for k in keys)
