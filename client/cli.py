@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     from client import storage_cli
 
     storage_cli.add_parsers(sub, parse_size)
+    from client import s3_cli
+
+    s3_cli.add_parsers(sub)
     return parser
 
 
@@ -65,7 +68,7 @@ def _version() -> str:
     return f"qstore {__version__}"
 
 
-FAST_LOOP_COMMANDS = frozenset({"put", "get", "repair", "node", "kme", "demo"})
+FAST_LOOP_COMMANDS = frozenset({"put", "get", "repair", "node", "kme", "demo", "s3"})
 """Commands that move bulk data (or serve it) and own their process: they run on uvloop when installed."""
 
 

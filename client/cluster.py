@@ -14,8 +14,16 @@ State directory layout (all paths in ``cluster.json`` absolute)::
     logs/<id>.log                 stdout and stderr of each process (truncated at each up)
     nodes/<site>/                 node data (kept)
     secrets.json                  link and local seeds of this run (0600; new at each up, removed at down)
+    gateway/credentials.json      the S3 gateway's users and keys (0600; new at each up)
     cluster.json                  :class:`qstore.cluster.ClusterState`, plus a "links" section
-                                  (:class:`qkd_sim.deploy.LinkState`); removed at down
+                                  (:class:`qkd_sim.deploy.LinkState`) and a "gateway" section
+                                  (url, access_key, secret_key, pid, log, credentials; the file is
+                                  0600 then); removed at down
+
+With nodes, `up` also starts the S3 gateway (`qstore s3 serve`) on plain
+HTTP at 127.0.0.1 (S3 clients take ``--endpoint-url http://...``; the
+gateway is meant to run inside the site, beside its users), with a freshly
+generated access key pair.
 
 Seeds are drawn anew at every `up`: a KME hands its key streams out from
 their start at every start, so a seed used by two runs would hand out the
@@ -48,6 +56,7 @@ from qkd_sim.kme import KMEConfig
 from qkd_sim.network import Network
 from qstore.cluster import (
     CLIENT_SAE,
+    GATEWAY_SAE,
     SECRETS_FILE,
     STATE_FILE,
     ClusterState,
@@ -193,6 +202,33 @@ def kme_command(config: Path, site: str, state: Path) -> list[str]:
 
 def node_command(site: str, state: Path) -> list[str]:
     return [sys.executable, "-m", "client.cli", "node", "serve", "--site", site, "--state", str(state)]
+
+
+def gateway_command(state: Path, port: int, credentials: Path) -> list[str]:
+    return [sys.executable, "-m", "client.cli", "s3", "serve", "--state", str(state), "--port", str(port),
+            "--credentials", str(credentials)]
+
+
+GATEWAY_ID = "gateway"
+
+
+def gateway_of(state: ClusterState) -> dict[str, Any] | None:
+    """The ``gateway`` section of ``cluster.json`` (None when no gateway was started)."""
+    gw = state.extra.get("gateway")
+    return gw if isinstance(gw, dict) and isinstance(gw.get("url"), str) else None
+
+
+def plan_gateway(layout: Layout) -> dict[str, Any]:
+    """A port, a fresh key pair (written 0600) and the ``gateway`` section for `up`."""
+    from client.s3 import users as s3users
+
+    (layout.root / "gateway").mkdir(parents=True, exist_ok=True)
+    creds = layout.root / "gateway" / "credentials.json"
+    user = s3users.new_user("admin")
+    s3users.write(creds, [user])
+    port = _free_ports(["127.0.0.1"])[0]
+    return {"url": f"http://127.0.0.1:{port}", "access_key": user.access_key, "secret_key": user.secret_key,
+            "credentials": str(creds), "log": str(layout.log(GATEWAY_ID)), "pid": None}
 
 
 def node_command_missing() -> str | None:
@@ -394,11 +430,14 @@ def _clear(layout: Layout) -> None:
 
 
 def _pids(state: ClusterState) -> list[int]:
-    return [p.pid for p in (*state.kmes, *state.nodes) if p.pid]
+    gw = gateway_of(state)
+    return [p.pid for p in (*state.kmes, *state.nodes) if p.pid] + ([gw["pid"]] if gw and gw["pid"] else [])
 
 
 def _live(state: ClusterState) -> list[str]:
-    return [p.id for p in (*state.kmes, *state.nodes) if is_ours(p.pid, state.directory)]
+    gw = gateway_of(state)
+    out = [p.id for p in (*state.kmes, *state.nodes) if is_ours(p.pid, state.directory)]
+    return out + ([GATEWAY_ID] if gw and is_ours(gw.get("pid"), state.directory) else [])
 
 
 def _existing(root: Path) -> ClusterState | None:
@@ -453,6 +492,9 @@ def _health_targets(state: ClusterState) -> list[tuple[str, str, str, tuple[str,
     """(kind, id, health URL, (field, expected value)) of every process."""
     out = [("kme", k.id, k.url + "/health", ("KME_ID", k.id)) for k in state.kmes]
     out += [("node", n.id, n.url + "/v1/health", ("sae_id", n.id)) for n in state.nodes]
+    gw = gateway_of(state)
+    if gw is not None:
+        out.append(("gateway", GATEWAY_ID, gw["url"] + "/-/health", ("sae_id", GATEWAY_SAE)))
     return out
 
 
@@ -463,6 +505,8 @@ async def _wait_healthy(state: ClusterState, procs: dict[str, subprocess.Popen[b
     import aiohttp
 
     logs = {p.id: p.log for p in (*state.kmes, *state.nodes)}
+    if (gw := gateway_of(state)) is not None:
+        logs[GATEWAY_ID] = Path(gw["log"])
     pending = {pid: (kind, url, expect) for kind, pid, url, expect in _health_targets(state) if pid in procs}
     last: dict[str, str] = {}
     connector = aiohttp.TCPConnector(ssl=_client_ssl(state), force_close=True)
@@ -496,11 +540,12 @@ async def _wait_healthy(state: ClusterState, procs: dict[str, subprocess.Popen[b
 # -- the commands -------------------------------------------------------------------------------
 
 
-def up(config: Path | None, root: Path, *, nodes: bool | None = None,
+def up(config: Path | None, root: Path, *, nodes: bool | None = None, gateway: bool = True,
        timeout_s: float = START_TIMEOUT_S) -> ClusterState:
     """Start the cluster of ``config`` with its state in ``root``; return its state once all are healthy.
 
-    ``nodes`` None: start nodes when `qstore node serve` exists. Refuses when a
+    ``nodes`` None: start nodes when `qstore node serve` exists; the S3
+    gateway starts with the nodes unless ``gateway`` is False. Refuses when a
     cluster of ``root`` still runs; clears a dead one's state first.
     """
     config = (config or DEFAULT_CONFIG).absolute()
@@ -532,6 +577,12 @@ def up(config: Path | None, root: Path, *, nodes: bool | None = None,
                 cmd = kme_command(config, m.site, root) if phase == "kmes" else node_command(m.site, root)
                 procs[m.id] = _spawn(cmd, layout.log(m.id), root)
             state = replace(state, **{phase: tuple(replace(m, pid=procs[m.id].pid) for m in members)})
+            if phase == "nodes" and nodes and gateway:  # beside the nodes: it needs them only per request
+                gw = plan_gateway(layout)
+                cmd = gateway_command(root, _port_of(gw["url"]), Path(gw["credentials"]))
+                procs[GATEWAY_ID] = _spawn(cmd, layout.log(GATEWAY_ID), root)
+                gw["pid"] = procs[GATEWAY_ID].pid
+                state = replace(state, extra={**state.extra, "gateway": gw})
             state.save()
             asyncio.run(_wait_healthy(state, procs, deadline, timeout_s))
     except BaseException:
@@ -558,6 +609,8 @@ def down(root: Path, *, timeout_s: float = STOP_TIMEOUT_S) -> Stopped:
         layout.secrets.unlink(missing_ok=True)
         return Stopped(root, (), False)
     by_pid = {p.pid: p.id for p in (*state.kmes, *state.nodes) if p.pid}
+    if (gw := gateway_of(state)) is not None and gw.get("pid"):
+        by_pid[gw["pid"]] = GATEWAY_ID
     stopped = _stop(_pids(state), root, timeout_s)
     _clear(layout)
     return Stopped(root, tuple(by_pid[pid] for pid in stopped), True)
@@ -568,9 +621,14 @@ async def _status(state: ClusterState) -> dict[str, Any]:
 
     processes = []
     for kind, proc_id, url, expect in _health_targets(state):
-        info = state.kme(proc_id) if kind == "kme" else state.node(proc_id)
-        processes.append({"kind": kind, "id": proc_id, "site": info.site, "pid": info.pid,
-                          "alive": is_ours(info.pid, state.directory), "url": info.url,
+        if kind == "gateway":
+            gw = gateway_of(state) or {}
+            site, pid, purl = state.sae(GATEWAY_SAE).site, gw.get("pid"), gw.get("url", "")
+        else:
+            info = state.kme(proc_id) if kind == "kme" else state.node(proc_id)
+            site, pid, purl = info.site, info.pid, info.url
+        processes.append({"kind": kind, "id": proc_id, "site": site, "pid": pid,
+                          "alive": is_ours(pid, state.directory), "url": purl,
                           "health": None, "_probe": (url, expect)})
     links = links_of(state)
     connector = aiohttp.TCPConnector(ssl=_client_ssl(state), force_close=True)

@@ -75,6 +75,9 @@ def run_up(args: argparse.Namespace) -> int:
     for row in cluster.summary(state):
         table.add_row(*row)
     Console().print(table)
+    gw = cluster.gateway_of(state)
+    if gw is not None:
+        print(f"S3 gateway: {gw['url']}  (keys: `qstore s3 credentials`)")
     print(f"state: {root}  (`qstore cluster status`, `qstore cluster down`)")
     return 0
 

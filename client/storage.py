@@ -362,11 +362,14 @@ class QStore:
 
     async def put(self, bucket: str, key: str, source: bytes | bytearray | memoryview | BinaryIO | Any, *,
                   meta: Mapping[str, str] | None = None, size: int | None = None,
-                  progress: Progress | None = None) -> Report:
+                  progress: Progress | None = None,
+                  meta_after: Callable[[], Mapping[str, str]] | None = None) -> Report:
         """Store ``source`` as ``bucket/key``; a new version.
 
         ``source``: bytes, a binary file object, or an object with an async
         ``read(n)`` (an aiohttp request body), read chunk by chunk.
+        ``meta_after``: called once the source is read, for metadata known only
+        then (the S3 gateway's MD5 ETag); merged over ``meta``, secret-shared alike.
 
         Raises QuorumError (nothing visible, the previous version stays) when
         fewer than W nodes hold every chunk at the end.
@@ -407,6 +410,8 @@ class QStore:
         except BaseException:
             await self._abort(upload_id)
             raise
+        if meta_after is not None:
+            user_meta = _check_user_meta({**user_meta, **meta_after()})
         secret = _share_secret({"sha256": digest.hexdigest(), "meta": user_meta}, self.n, self.k)
         public = {"size": reader.total, "chunk_size": self.chunk_size, "chunks": chunks,
                   "link_cipher": self.link_cipher, "format": 1}
@@ -751,6 +756,37 @@ class QStore:
             if readable:
                 cand = max(readable, key=lambda c: (c.version, c.object_id))
                 out.append(_info(bucket, name, cand, None))
+        return out[:limit]
+
+    async def list_meta(self, bucket: str, prefix: str = "", *, start_after: str = "",
+                        limit: int = 1000) -> list[ObjectInfo]:
+        """As :meth:`list`, each with its user metadata reconstructed from the nodes' shares of it.
+
+        For listings that must show what only the secret metadata holds (the S3
+        gateway's ETags); an object whose metadata shares disagree is left out.
+        """
+        params = {"bucket": bucket, "prefix": prefix, "start_after": start_after, "limit": str(limit)}
+        ok, failed = await self._each(self._nodes, lambda nd: nd.call("GET", "/v1/objects", params=params),
+                                      bucket=bucket)
+        _raise_common(failed, self.k, bucket=bucket)
+        if len(ok) < self.k:
+            raise QuorumError(f"fewer than k = {self.k} nodes answered: " + _why(failed))
+        by_key: dict[str, dict[tuple[int, str], _Candidate]] = collections.defaultdict(dict)
+        for site, answer in ok.items():
+            for v in answer["objects"]:
+                c = by_key[v["key"]].setdefault((v["version"], v["object_id"]),
+                                                _Candidate(v["version"], v["object_id"]))
+                c.holders[site] = v
+        out = []
+        for name in sorted(by_key, key=lambda s: s.encode()):
+            readable = [c for c in by_key[name].values() if len(c.holders) >= self.k]
+            if readable:
+                cand = max(readable, key=lambda c: (c.version, c.object_id))
+                try:
+                    secret = self._open_secret(cand)
+                except ShareCorruption:
+                    continue
+                out.append(_info(bucket, name, cand, secret))
         return out[:limit]
 
     async def delete(self, bucket: str, key: str) -> Report:

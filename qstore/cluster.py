@@ -193,8 +193,10 @@ class ClusterState:
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".json.tmp")
         data = json.dumps(self.to_json(), indent=2).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        mode = 0o600 if "gateway" in self.extra else 0o644  # the gateway's secret key is in it
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         try:
+            os.fchmod(fd, mode)
             os.write(fd, data)
             os.fsync(fd)
         finally:
