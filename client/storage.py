@@ -738,25 +738,7 @@ class QStore:
     async def list(self, bucket: str, prefix: str = "", *, start_after: str = "",
                    limit: int = 1000) -> list[ObjectInfo]:
         """Objects whose newest readable version is live, in key order (public facts only)."""
-        params = {"bucket": bucket, "prefix": prefix, "start_after": start_after, "limit": str(limit)}
-        ok, failed = await self._each(self._nodes, lambda nd: nd.call("GET", "/v1/objects", params=params),
-                                      bucket=bucket)
-        _raise_common(failed, self.k, bucket=bucket)
-        if len(ok) < self.k:
-            raise QuorumError(f"fewer than k = {self.k} nodes answered: " + _why(failed))
-        by_key: dict[str, dict[tuple[int, str], _Candidate]] = collections.defaultdict(dict)
-        for site, answer in ok.items():
-            for v in answer["objects"]:
-                c = by_key[v["key"]].setdefault((v["version"], v["object_id"]),
-                                                _Candidate(v["version"], v["object_id"]))
-                c.holders[site] = v
-        out = []
-        for name in sorted(by_key, key=lambda s: s.encode()):
-            readable = [c for c in by_key[name].values() if len(c.holders) >= self.k]
-            if readable:
-                cand = max(readable, key=lambda c: (c.version, c.object_id))
-                out.append(_info(bucket, name, cand, None))
-        return out[:limit]
+        return await self._listing(bucket, prefix, start_after, limit, with_meta=False)
 
     async def list_meta(self, bucket: str, prefix: str = "", *, start_after: str = "",
                         limit: int = 1000) -> list[ObjectInfo]:
@@ -765,6 +747,10 @@ class QStore:
         For listings that must show what only the secret metadata holds (the S3
         gateway's ETags); an object whose metadata shares disagree is left out.
         """
+        return await self._listing(bucket, prefix, start_after, limit, with_meta=True)
+
+    async def _listing(self, bucket: str, prefix: str, start_after: str, limit: int, *,
+                       with_meta: bool) -> list[ObjectInfo]:
         params = {"bucket": bucket, "prefix": prefix, "start_after": start_after, "limit": str(limit)}
         ok, failed = await self._each(self._nodes, lambda nd: nd.call("GET", "/v1/objects", params=params),
                                       bucket=bucket)
@@ -780,13 +766,16 @@ class QStore:
         out = []
         for name in sorted(by_key, key=lambda s: s.encode()):
             readable = [c for c in by_key[name].values() if len(c.holders) >= self.k]
-            if readable:
-                cand = max(readable, key=lambda c: (c.version, c.object_id))
+            if not readable:
+                continue
+            cand = max(readable, key=lambda c: (c.version, c.object_id))
+            secret = None
+            if with_meta:
                 try:
                     secret = self._open_secret(cand)
                 except ShareCorruption:
                     continue
-                out.append(_info(bucket, name, cand, secret))
+            out.append(_info(bucket, name, cand, secret))
         return out[:limit]
 
     async def delete(self, bucket: str, key: str) -> Report:
