@@ -138,7 +138,7 @@ def encode_header(
 ) -> bytes:
     """The header of the frame of ``body`` (digest included), for senders that keep the body apart."""
     return FrameHeader(
-        object_id=bytes(object_id),
+        object_id=bytes(object_id) if isinstance(object_id, bytearray | memoryview) else object_id,
         object_version=object_version,
         chunk_index=chunk_index,
         x=x,
@@ -177,18 +177,9 @@ def encode_frame(
     body: BytesLike,
 ) -> bytes:
     """Frame one share; the digest is computed here so callers cannot get it wrong."""
-    body = bytes(body)
-    header = FrameHeader(
-        object_id=bytes(object_id) if isinstance(object_id, bytearray | memoryview) else object_id,
-        object_version=object_version,
-        chunk_index=chunk_index,
-        x=x,
-        k=k,
-        n=n,
-        body_length=len(body),
-        digest=hashlib.sha256(body).digest(),
-    )
-    return header.to_bytes() + body
+    header = encode_header(object_id=object_id, object_version=object_version, chunk_index=chunk_index,
+                           x=x, k=k, n=n, body=body)
+    return header + bytes(body)
 
 
 def _check_max_body(max_body: int) -> None:
@@ -250,12 +241,5 @@ def parse_header(buf: BytesLike, *, max_body: int = MAX_BODY) -> FrameHeader:
 
 def parse_frame(buf: BytesLike, *, max_body: int = MAX_BODY) -> Frame:
     """Parse exactly one frame; anything else is a FrameError."""
-    _check_max_body(max_body)
-    mv = _view(buf)
-    header = _parse_header(mv, max_body)
-    end = HEADER_SIZE + header.body_length
-    if len(mv) < end:
-        raise FrameError("truncated body")
-    if len(mv) > end:
-        raise FrameError("trailing bytes after frame")
-    return Frame(header, bytes(mv[HEADER_SIZE:end]))
+    header, body = split_frame(buf, max_body=max_body)
+    return Frame(header, bytes(body))
