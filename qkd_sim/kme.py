@@ -166,11 +166,10 @@ async def _keys(request: web.Request, container: KeyContainer) -> web.StreamResp
     first piece: by then the request has been served (keys are handed out
     all or nothing before), so nothing but the connection can fail.
     """
-    length = container.json_length()
-    if length <= JSON_PIECE:
+    if container.key_bytes <= JSON_PIECE // 2:
         return web.Response(body=container.to_json_bytes(), content_type="application/json")
     response = web.StreamResponse(headers={"Content-Type": "application/json"})
-    response.content_length = length
+    response.content_length = container.json_length()
     await response.prepare(request)
     try:
         for piece in container.json_pieces():

@@ -191,6 +191,8 @@ class Codec:
 
     def encode(self, data: bytes | bytearray | memoryview) -> bytes:
         """The base64 of ``data`` (as ``binascii.b2a_base64(data, newline=False)``)."""
+        if type(data) is bytes and len(data) < _SMALL_ENCODE:
+            return binascii.b2a_base64(data, newline=False)  # short: straight to binascii
         n = len(_view(data))
         if n < _SMALL_ENCODE:
             return binascii.b2a_base64(data, newline=False)
@@ -298,6 +300,8 @@ def codec(backend: Backend | None = None) -> Codec:
 
 def encode(data: bytes | bytearray | memoryview) -> bytes:
     """Base64 of ``data`` with the default backend."""
+    if type(data) is bytes and len(data) < _SMALL_ENCODE:
+        return binascii.b2a_base64(data, newline=False)  # short: no backend needed
     return codec().encode(data)
 
 
