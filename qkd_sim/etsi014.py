@@ -816,11 +816,12 @@ class KeyContainerReader:
             if len(carry) + len(text) < _SHORT_TEXT:
                 text = memoryview(carry + bytes(text))
             else:  # complete the carried quad; what follows is at least 54 characters
-                k = -len(carry) % 4
-                head, text = carry + bytes(text[:k]), text[k:]
-                if head.endswith(b"="):
-                    raise b64.Base64Error("padding before the end of a key")
-                self._decode(head)
+                if carry:
+                    k = -len(carry) % 4
+                    head, text = carry + bytes(text[:k]), text[k:]
+                    if head.endswith(b"="):
+                        raise b64.Base64Error("padding before the end of a key")
+                    self._decode(head)
             if not final:
                 quads = len(text) // 4 * 4
                 if quads and text[quads - 1] == 0x3D:  # "=": the key's last quad, or an error; keep it
