@@ -30,7 +30,7 @@ How it runs: each KME in its own process (as deployed), the SAEs in this one. Th
 stream each Key container in 256 KiB pieces and the SAEs decode each piece as it arrives
 (:class:`qkd_sim.etsi014.KeyContainerReader`), base64 by :mod:`qstore.b64` (the backend is
 in the environment line); both kinds of process keep 64 MiB of freed heap
-(:func:`qkd_sim.sae.keep_freed_heap`).
+(:func:`qstore._memory.keep_freed_heap`).
 
 MB/s is key bytes / seconds with 1 MB = 10^6 bytes. Every measurement runs once untimed
 (warm-up: TLS handshakes, first allocations) and then the best of 3 timed runs is reported.
@@ -65,8 +65,9 @@ from _common import cpu_model, emit, log, mbps, parse_size, pkg_version
 
 from qkd_sim import kme, pki
 from qkd_sim.pool import LinkConfig
-from qkd_sim.sae import HEAP_KEPT_BYTES, SAEClient, SAEConfig, keep_freed_heap
+from qkd_sim.sae import SAEClient, SAEConfig
 from qstore import b64
+from qstore._memory import HEAP_KEPT_BYTES, keep_freed_heap
 
 KiB = 1024
 MiB = 1024 * KiB

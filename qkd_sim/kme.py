@@ -64,7 +64,7 @@ from qkd_sim.etsi014 import (
 from qkd_sim.etsi014 import Error as EtsiErrorBody
 from qkd_sim.pool import LinkConfig
 from qkd_sim.relay import RelayFailed, RelayKME, RelayStep
-from qkd_sim.sae import keep_freed_heap
+from qstore._memory import keep_freed_heap
 from qstore.errors import LocalError, QStoreError
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -49,6 +48,7 @@ from qkd_sim.etsi014 import (
     dumps,
     is_id,
 )
+from qstore._memory import keep_freed_heap
 from qstore.errors import LocalError, RemoteError
 from qstore.otp import KeyRef, KeyStream, QKDKey
 
@@ -160,30 +160,6 @@ async def _read_bounded(resp: aiohttp.ClientResponse, limit: int,
 def _container_limit(number: int, size_bits: int) -> int:
     """Bound on a Key container body for ``number`` keys of ``size_bits``."""
     return number * (4 * math.ceil(size_bits / 24) + 256) + 4096
-
-
-_M_TOP_PAD = -2  # glibc's mallopt parameter
-HEAP_KEPT_BYTES = 64 << 20
-"""Freed heap a process that moves keys keeps for the next ones instead of returning it to the kernel."""
-
-
-def keep_freed_heap(nbytes: int = HEAP_KEPT_BYTES) -> bool:
-    """Have glibc keep up to ``nbytes`` of freed heap (``M_TOP_PAD``) in this process; False elsewhere.
-
-    Keys come and go in bursts of megabytes (16 keys of 1 MiB per request):
-    a KME makes them and frees them once sent, an SAE decodes them and
-    frees them once copied into its key streams. By default glibc gives such
-    a block back to the kernel as soon as a few MiB are free at the top of
-    the heap, and the next burst faults every page in again, at about
-    1.3 GB/s on our VMs: slower than making, encoding and encrypting the keys
-    together. The memory kept is bounded and reused by the next burst.
-    Process-wide: :class:`SAEClient` and the KME's :func:`~qkd_sim.kme.start`
-    and :func:`~qkd_sim.kme.serve` call it.
-    """
-    try:
-        return bool(ctypes.CDLL(None).mallopt(_M_TOP_PAD, nbytes))
-    except (OSError, AttributeError):  # not glibc
-        return False
 
 
 class SAEClient:
