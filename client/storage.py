@@ -38,6 +38,7 @@ import inspect
 import json
 import os
 import ssl
+import stat
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -189,8 +190,9 @@ class _Node:
         self.site = info.site
 
     async def call(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
-                   body: object = None, data: bytes | None = None, raw: bool = False) -> Any:
-        headers = {}
+                   body: object = None, data: bytes | None = None, raw: bool = False,
+                   headers: Mapping[str, str] | None = None) -> Any:
+        headers = dict(headers or {})
         if body is not None:
             data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
         try:
@@ -384,32 +386,12 @@ class QStore:
                         link_cipher=self.link_cipher)
         begin = {"upload_id": upload_id, "bucket": bucket, "key": key, "object_id": object_id.hex(),
                  "version": version, "k": self.k, "n": self.n}
-        ok, failed = await self._each(self._nodes, lambda nd: nd.call(
-            "POST", "/v1/uploads", body={**begin, "x": nd.info.x}), bucket=bucket)
-        _raise_common(failed, self.k, bucket=bucket)
-        live = [nd for nd in self._nodes if nd.site in ok]
-        report.failed.update(failed)
-        try:
-            if len(live) < self.write_quorum:
-                raise QuorumError(f"only {len(live)} of {self.n} nodes took the upload, "
-                                  f"{self.write_quorum} needed: " + _why(failed))
-            digest = hashlib.sha256()
-            chunks = await self._send_chunks(live, upload_id, object_id, version, reader, digest, report,
-                                             progress)
-            live = [nd for nd in live if nd.site not in report.failed]
-            if len(live) < self.write_quorum:
-                raise QuorumError(f"only {len(live)} of {self.n} nodes received every chunk, "
-                                  f"{self.write_quorum} needed: " + _why(report.failed))
-            ok, failed = await self._each(live, lambda nd: nd.call(
-                "POST", f"/v1/uploads/{upload_id}/prepare", body={"chunks": chunks}))
-            report.failed.update(failed)
-            live = [nd for nd in live if nd.site in ok]
-            if len(live) < self.write_quorum:
-                raise QuorumError(f"only {len(live)} of {self.n} nodes prepared, "
-                                  f"{self.write_quorum} needed: " + _why(report.failed))
-        except BaseException:
-            await self._abort(upload_id)
-            raise
+        digest = hashlib.sha256()
+        known = _known_size(source, size)
+        if known is not None and known <= self.chunk_size and len(json.dumps(begin)) < 4096:
+            live, chunks = await self._put_small(begin, reader, digest, report, progress)
+        else:
+            live, chunks = await self._put_chunked(begin, reader, digest, report, progress)
         if meta_after is not None:
             user_meta = _check_user_meta({**user_meta, **meta_after()})
         secret = _share_secret({"sha256": digest.hexdigest(), "meta": user_meta}, self.n, self.k)
@@ -428,6 +410,90 @@ class QStore:
                               f"the new version is {'readable' if len(ok) >= self.k else 'not readable'}: "
                               + _why(failed))
         return report
+
+    async def _put_chunked(self, begin: dict[str, Any], reader: _Reader, digest: Any, report: Report,
+                           progress: Progress | None) -> tuple[list[_Node], int]:
+        """Begin everywhere, stream every chunk, prepare: the nodes that hold it all, and the chunk count."""
+        upload_id, bucket = begin["upload_id"], begin["bucket"]
+        ok, failed = await self._each(self._nodes, lambda nd: nd.call(
+            "POST", "/v1/uploads", body={**begin, "x": nd.info.x}), bucket=bucket)
+        _raise_common(failed, self.k, bucket=bucket)
+        live = [nd for nd in self._nodes if nd.site in ok]
+        report.failed.update(failed)
+        try:
+            if len(live) < self.write_quorum:
+                raise QuorumError(f"only {len(live)} of {self.n} nodes took the upload, "
+                                  f"{self.write_quorum} needed: " + _why(failed))
+            chunks = await self._send_chunks(live, upload_id, bytes.fromhex(begin["object_id"]),
+                                             begin["version"], reader, digest, report, progress)
+            live = [nd for nd in live if nd.site not in report.failed]
+            if len(live) < self.write_quorum:
+                raise QuorumError(f"only {len(live)} of {self.n} nodes received every chunk, "
+                                  f"{self.write_quorum} needed: " + _why(report.failed))
+            ok, failed = await self._each(live, lambda nd: nd.call(
+                "POST", f"/v1/uploads/{upload_id}/prepare", body={"chunks": chunks}))
+            report.failed.update(failed)
+            live = [nd for nd in live if nd.site in ok]
+            if len(live) < self.write_quorum:
+                raise QuorumError(f"only {len(live)} of {self.n} nodes prepared, "
+                                  f"{self.write_quorum} needed: " + _why(report.failed))
+        except BaseException:
+            await self._abort(upload_id)
+            raise
+        return live, chunks
+
+    async def _put_small(self, begin: dict[str, Any], reader: _Reader, digest: Any, report: Report,
+                         progress: Progress | None) -> tuple[list[_Node], int]:
+        """An object of at most one chunk: begin, send and prepare in one request per node."""
+        upload_id, bucket = begin["upload_id"], begin["bucket"]
+        chunk = await reader.aread() if reader.is_async else reader.read()
+        if (await reader.aread() if reader.is_async else reader.read()) is not None:
+            raise LocalError("the source is longer than its declared size")
+        chunks = 0 if chunk is None else 1
+        envelopes: dict[str, bytes | bytearray] = {}
+        if chunk is not None:
+            digest.update(chunk)
+            out = empty_rows(self.n, len(chunk))
+            split_into(chunk, self.n, self.k, out)
+            bodies = {nd.site: out[nd.info.x - 1] for nd in self._nodes}
+            headers = {nd.site: encode_header(object_id=bytes.fromhex(begin["object_id"]),
+                                              object_version=begin["version"], chunk_index=0, x=nd.info.x,
+                                              k=self.k, n=self.n, body=bodies[nd.site]) for nd in self._nodes}
+            cost = otp.key_cost(self.link_cipher, HEADER_SIZE + len(chunk))
+
+            async def seal_for(nd: _Node) -> None:
+                stream = await envelope_keys(self.sae, nd.info.id, cost)
+                try:
+                    envelopes[nd.site] = otp.seal_with(self.link_cipher, [headers[nd.site], bodies[nd.site]],
+                                                       stream)
+                finally:
+                    stream.wipe()
+                report.link(nd.site).key_bytes += cost
+
+            await asyncio.gather(*(seal_for(nd) for nd in self._nodes))
+
+        async def send(nd: _Node) -> Any:
+            envelope = envelopes.get(nd.site, b"")
+            head = {"X-QStore-Upload": json.dumps({**begin, "x": nd.info.x})}
+            out = await nd.call("PUT", f"/v1/uploads/{upload_id}/oneshot", params={"chunks": str(chunks)},
+                                data=bytes(envelope), headers=head)
+            report.link(nd.site).bytes_sent += len(envelope)
+            return out
+
+        try:
+            ok, failed = await self._each(self._nodes, send, bucket=bucket)
+            _raise_common(failed, self.k, bucket=bucket)
+            report.failed.update(failed)
+            live = [nd for nd in self._nodes if nd.site in ok]
+            if len(live) < self.write_quorum:
+                raise QuorumError(f"only {len(live)} of {self.n} nodes prepared, "
+                                  f"{self.write_quorum} needed: " + _why(report.failed))
+        except BaseException:
+            await self._abort(upload_id)
+            raise
+        if progress is not None and chunk is not None:
+            progress(len(chunk))
+        return live, chunks
 
     async def _abort(self, upload_id: str) -> None:
         await self._each(self._nodes, lambda nd: nd.call("DELETE", f"/v1/uploads/{upload_id}"))
@@ -944,6 +1010,21 @@ def _info(bucket: str, key: str, cand: _Candidate, secret: Mapping[str, Any] | N
                       chunk_size=int(meta.get("chunk_size", 0)), link_cipher=meta.get("link_cipher", "otp"),
                       committed_at=float(v["committed_at"]), holders=tuple(sorted(cand.holders)),
                       user_meta=dict((secret or {}).get("meta", {})))
+
+
+def _known_size(source: Any, size: int | None) -> int | None:
+    """The bytes left in ``source`` when known without reading it (None: unknown)."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return memoryview(source).nbytes
+    if size is not None:
+        return size
+    try:
+        st = os.fstat(source.fileno())
+        if stat.S_ISREG(st.st_mode):
+            return max(st.st_size - source.tell(), 0)
+    except (AttributeError, OSError, ValueError):
+        pass
+    return None
 
 
 def _check_user_meta(meta: Mapping[str, str] | None) -> dict[str, str]:

@@ -19,6 +19,8 @@ with the status the error carries)::
     POST   /v1/uploads                      begin: {"upload_id", "bucket", "key", "object_id" (hex),
                                             "version", "x", "k", "n"}
     PUT    /v1/uploads/{upload_id}/chunks   body: a sealed envelope of one share frame
+    PUT    /v1/uploads/{upload_id}/oneshot?chunks=0|1   a small object: begin (X-QStore-Upload
+                                            header), its one sealed frame, prepare
     POST   /v1/uploads/{upload_id}/prepare  {"chunks": N}: all there, on disk (fsync)
     POST   /v1/uploads/{upload_id}/commit   {"meta": {...}}: the version becomes visible
     DELETE /v1/uploads/{upload_id}          abort
@@ -229,8 +231,43 @@ async def _delete_bucket(request: web.Request) -> web.Response:
 
 async def _begin(request: web.Request) -> web.Response:
     _caller(request)
-    doc = await _body_json(request)
-    c = request.app[CONFIG]
+    upload = _upload_of(await _body_json(request), request.app[CONFIG])
+    await asyncio.to_thread(request.app[STORE].begin, upload)
+    return _json({"upload_id": upload.upload_id})
+
+
+async def _oneshot(request: web.Request) -> web.Response:
+    """A whole small object in one request: begin, its only chunk (if any), prepare.
+
+    The upload's parameters come as JSON in the ``X-QStore-Upload`` header,
+    ``?chunks=`` is 0 or 1, the body is the sealed frame (empty for 0). Two
+    round trips per node (this and commit) instead of four for small objects.
+    """
+    caller = _caller(request)
+    try:
+        doc = json.loads(request.headers.get("X-QStore-Upload", ""))
+    except ValueError:
+        raise RemoteError("X-QStore-Upload must be a JSON object") from None
+    if not isinstance(doc, dict) or doc.get("upload_id") != request.match_info["upload_id"]:
+        raise RemoteError("X-QStore-Upload must be a JSON object naming this upload")
+    upload = _upload_of(doc, request.app[CONFIG])
+    chunks = _int(request.query.get("chunks", "1"), "chunks", 0, 1)
+    envelope = await request.read()
+    store = request.app[STORE]
+    frame = None
+    if chunks:
+        frame = split_frame(await _open(request, caller, envelope))
+    elif envelope:
+        raise RemoteError("no chunk announced, but a body was sent")
+    await asyncio.to_thread(store.begin, upload)
+    if frame is not None:
+        await asyncio.to_thread(store.write_chunk, upload.upload_id, *frame)
+    await asyncio.to_thread(store.prepare, upload.upload_id, chunks=chunks)
+    return _json({"prepared": True})
+
+
+def _upload_of(doc: dict[str, Any], c: NodeConfig) -> Upload:
+    """The upload a begin request describes, checked against this node."""
     x = _int(doc.get("x"), "x", 1, 255)
     if x != c.x:
         raise RemoteError(f"this node holds shares at x = {c.x}, not {x}")
@@ -240,11 +277,9 @@ async def _begin(request: web.Request) -> web.Response:
     bucket, key = doc.get("bucket"), doc.get("key")
     if not isinstance(bucket, str) or not isinstance(key, str):
         raise RemoteError("bucket and key must be strings")
-    upload = Upload(upload_id=upload_id, bucket=bucket, key=key,
-                    object_id=_object_id(doc.get("object_id")), version=_int(doc.get("version"), "version"),
-                    x=x, k=_int(doc.get("k"), "k", 2, 255), n=_int(doc.get("n"), "n", 2, 255))
-    await asyncio.to_thread(request.app[STORE].begin, upload)
-    return _json({"upload_id": upload_id})
+    return Upload(upload_id=upload_id, bucket=bucket, key=key,
+                  object_id=_object_id(doc.get("object_id")), version=_int(doc.get("version"), "version"),
+                  x=x, k=_int(doc.get("k"), "k", 2, 255), n=_int(doc.get("n"), "n", 2, 255))
 
 
 async def _open(request: web.Request, caller: str, envelope: bytes) -> bytes:
@@ -438,6 +473,7 @@ def create_app(config: NodeConfig) -> web.Application:
     r.add_delete("/v1/buckets/{bucket}", _delete_bucket)
     r.add_post("/v1/uploads", _begin)
     r.add_put("/v1/uploads/{upload_id}/chunks", _put_chunk)
+    r.add_put("/v1/uploads/{upload_id}/oneshot", _oneshot)
     r.add_post("/v1/uploads/{upload_id}/prepare", _prepare)
     r.add_post("/v1/uploads/{upload_id}/commit", _commit)
     r.add_delete("/v1/uploads/{upload_id}", _abort)

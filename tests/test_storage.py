@@ -266,14 +266,14 @@ async def test_replayed_and_tampered_envelopes_are_refused(cluster):
         orig = node.call
 
         async def spy(method, path, **kw):
-            if path.endswith("/chunks"):
-                captured.append((path, kw["data"]))
+            if path.endswith(("/chunks", "/oneshot")):
+                captured.append((path, kw["data"], kw.get("headers"), kw.get("params")))
             return await orig(method, path, **kw)
 
         node.call = spy
         await qs.put("www", "obj", b"hello" * 100)
         node.call = orig
-        path, envelope = captured[0]
+        path, envelope, headers, params = captured[0]
         upload = "/v1/uploads/" + "ab" * 16
         ident = cluster.ids[CLIENT_SAE]
         ctx = pki.client_ssl_context(ident.cert, ident.key, ident.ca)
@@ -283,7 +283,7 @@ async def test_replayed_and_tampered_envelopes_are_refused(cluster):
                     "upload_id": "ab" * 16, "bucket": "www", "key": "evil", "object_id": "cd" * 16,
                     "version": 1, "x": 1, "k": 3, "n": 5}) as r:
                 assert r.status == 200
-            async with s.put(base + path, data=envelope) as r:  # replay into the old upload
+            async with s.put(base + path, data=envelope, headers=headers, params=params) as r:  # its upload
                 assert r.status in (403, 404)
             async with s.put(base + upload + "/chunks", data=envelope) as r:  # replay into a new one
                 assert r.status == 403 and (await r.json())["error"] == "SealError"
@@ -389,3 +389,27 @@ async def test_put_from_an_async_source(cluster):
         report = await qs.put("async-src", "obj", Body())
         assert report.size == len(data)
         assert await qs.get_bytes("async-src", "obj") == data
+
+
+async def test_small_objects_take_one_request_per_node_before_commit(cluster):
+    calls = []
+    async with client(cluster) as qs:
+        await qs.create_bucket("small")
+        for nd in qs._nodes:
+            orig = nd.call
+
+            async def spy(method, path, _orig=orig, **kw):
+                calls.append(path.rsplit("/", 1)[-1])
+                return await _orig(method, path, **kw)
+
+            nd.call = spy
+        await qs.put("small", "tiny", b"x" * 1000)
+        assert sorted(set(calls)) == ["commit", "oneshot"] and len(calls) == 10
+        assert await qs.get_bytes("small", "tiny") == b"x" * 1000
+    ident = cluster.ids[CLIENT_SAE]
+    ctx = pki.client_ssl_context(ident.cert, ident.key, ident.ca)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+        url = cluster.urls["site1"] + "/v1/uploads/" + "ef" * 16 + "/oneshot"
+        for headers in ({}, {"X-QStore-Upload": "not json"}, {"X-QStore-Upload": '{"upload_id": "other"}'}):
+            async with s.put(url, params={"chunks": "0"}, headers=headers) as r:
+                assert r.status == 400, headers

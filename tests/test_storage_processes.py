@@ -408,8 +408,8 @@ def test_replayed_and_tampered_envelopes_are_refused_by_a_node_process(live):
             real = node.call
 
             async def spy(method, path, **kw):
-                if path.endswith("/chunks"):
-                    captured.append((path, kw["data"]))
+                if path.endswith(("/chunks", "/oneshot")):
+                    captured.append((path, kw["data"], kw.get("headers"), kw.get("params")))
                 return await real(method, path, **kw)
 
             node.call = spy
@@ -424,8 +424,8 @@ def test_replayed_and_tampered_envelopes_are_refused_by_a_node_process(live):
                     "upload_id": "ab" * 16, "bucket": BUCKET, "key": "wire/evil", "object_id": "cd" * 16,
                     "version": 1, "x": 1, "k": 3, "n": 5}) as r:
                 assert r.status == 200
-            path, envelope = captured[0]
-            async with s.put(base + path, data=envelope) as r:  # replayed into its committed upload
+            path, envelope, headers, params = captured[0]
+            async with s.put(base + path, data=envelope, headers=headers, params=params) as r:  # its upload
                 assert r.status in (403, 404, 409)
             async with s.put(base + upload + "/chunks", data=envelope) as r:  # replayed into a new one
                 assert r.status == 403 and (await r.json())["error"] == "SealError"
