@@ -605,14 +605,15 @@ class QStore:
         raise NoSuchKey(bucket, key)
 
     def _open_secret(self, cand: _Candidate) -> dict[str, Any]:
+        """The object's secret-shared metadata (SHA-256, user metadata), decoded robustly from its holders."""
         shares = []
-        for site, v in cand.holders.items():
-            s = v["meta"].get("secret")
+        for v in cand.holders.values():
             try:
-                shares.append(Share(x=v["x"], data=bytes.fromhex(s), k=self.k))
+                shares.append(Share(x=v["x"], data=bytes.fromhex(v["meta"].get("secret")), k=self.k))
             except (TypeError, ValueError, QStoreError):
                 continue
-            del site
+        if len(shares) < self.k:
+            raise ShareCorruption(f"only {len(shares)} nodes hold readable shares of the object's metadata")
         try:
             data = combine(shares) if len(shares) > self.k else interpolate(shares[: self.k])[0].tobytes()
             return json.loads(data.rstrip(b" "))
