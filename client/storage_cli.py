@@ -179,18 +179,10 @@ def run_put(args: argparse.Namespace) -> int:
         async def go() -> Any:
             async with _client(args, write_quorum=args.write_quorum, link_cipher=args.link_cipher,
                                chunk_size=args.chunk_size) as qs:
-                from qstore.errors import NoSuchBucket
-
-                try:
-                    with _progress(args, size, f"put {name}") as progress:
-                        return await qs.put(args.bucket, name, source, meta=meta, progress=progress)
-                except NoSuchBucket:
-                    if source is sys.stdin.buffer:
-                        raise
+                if args.bucket not in await qs.list_buckets():  # created on first use, before any read
                     await qs.create_bucket(args.bucket)
-                    source.seek(0)
-                    with _progress(args, size, f"put {name}") as progress:
-                        return await qs.put(args.bucket, name, source, meta=meta, progress=progress)
+                with _progress(args, size, f"put {name}") as progress:
+                    return await qs.put(args.bucket, name, source, meta=meta, progress=progress)
 
         report = _run(go())
     rate = report.size / report.seconds / 1e6 if report.seconds else 0.0
