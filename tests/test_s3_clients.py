@@ -237,6 +237,24 @@ def test_multipart(gw):
     s3.delete_bucket(Bucket="multi")  # the parts went with their objects
 
 
+def test_a_put_over_a_multipart_object_drops_its_parts(gw):
+    s3 = client(gw)
+    s3.create_bucket(Bucket="over")
+    s3.put_object(Bucket="over", Key="plain", Body=b"no parts here")  # a bucket without multipart objects
+    up = s3.create_multipart_upload(Bucket="over", Key="k")["UploadId"]
+    tag = s3.upload_part(Bucket="over", Key="k", UploadId=up, PartNumber=1, Body=b"p" * 1000)["ETag"]
+    s3.complete_multipart_upload(Bucket="over", Key="k", UploadId=up,
+                                 MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": tag}]})
+    s3.put_object(Bucket="over", Key="k", Body=b"replaced")  # right after: the gateway knows of the parts
+    assert s3.get_object(Bucket="over", Key="k")["Body"].read() == b"replaced"
+    with pytest.raises(ClientError) as e:  # a part of an unknown upload is refused, nothing stored
+        s3.upload_part(Bucket="over", Key="k", UploadId="0" * 32, PartNumber=1, Body=b"x" * 100)
+    assert code(e) == ("NoSuchUpload", 404)
+    s3.delete_object(Bucket="over", Key="k")
+    s3.delete_object(Bucket="over", Key="plain")
+    s3.delete_bucket(Bucket="over")  # nothing hidden left behind
+
+
 def test_auth_presigned_bad_signature_unknown_key(gw):
     s3 = client(gw)
     s3.create_bucket(Bucket="auth")

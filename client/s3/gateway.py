@@ -34,6 +34,7 @@ import email.utils
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -84,6 +85,7 @@ class GatewayConfig:
 STORE = web.AppKey("store", QStore)
 CONFIG = web.AppKey("config", GatewayConfig)
 STARTED = web.AppKey("started", float)
+MULTIPART_TTL_S = 1.0  # how long "this bucket holds no multipart objects" is believed
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -321,19 +323,55 @@ class Pipe:
 # -- the gateway --------------------------------------------------------------------------------
 
 
+class MultipartBuckets:
+    """Which buckets may hold multipart objects: a PUT looks for a manifest it replaces only there.
+
+    Every PUT would otherwise cost a HEAD (a round to every node) to learn
+    that the object it overwrites has no parts to drop. One listing of the
+    reserved prefix is believed for ``ttl_s``; a bucket where this gateway
+    has just started an upload holds them. An upload that another gateway
+    starts *and* completes inside that window, then overwritten here, leaves
+    its parts behind as hidden objects (a race between two gateways could
+    always do that).
+    """
+
+    def __init__(self, store: QStore, *, ttl_s: float = MULTIPART_TTL_S,
+                 clock: Callable[[], float] = time.monotonic):
+        self._store = store
+        self._ttl = ttl_s
+        self._clock = clock
+        self._seen: dict[str, tuple[float, bool]] = {}  # bucket -> (when learnt, holds multipart objects)
+
+    def mark(self, bucket: str) -> None:
+        """An upload was just created in ``bucket``."""
+        self._seen[bucket] = (self._clock(), True)
+
+    async def may_hold(self, bucket: str) -> bool:
+        learnt, holds = self._seen.get(bucket, (float("-inf"), True))
+        started = self._clock()
+        if started - learnt < self._ttl:
+            return holds
+        # a few entries, not one: a key whose versions the nodes disagree on is left out of a listing
+        holds = bool(await self._store.list(bucket, f"{MPU}/", limit=8))
+        if self._seen.get(bucket, (float("-inf"), True))[0] < started:  # nothing newer learnt meanwhile
+            self._seen[bucket] = (started, holds)
+        return holds
+
+
 class Gateway:
-    """Request handling: one instance per app, holding its QStore and users."""
+    """Request handling: one instance per app, holding its QStore, users and what it caches."""
 
     def __init__(self, store: QStore, config: GatewayConfig, started: float):
         self.store = store
         self.users = config.users
         self.now = config.now
         self.started = started
+        self.multipart = MultipartBuckets(store)
 
     # -- dispatch --------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        request_id = uuid.uuid4().hex[:16].upper()
+        request_id = os.urandom(8).hex().upper()
         try:
             return await self._route(request, request_id)
         except S3Error as err:
@@ -553,17 +591,21 @@ class Gateway:
     async def put_object(self, request: web.Request, auth: sigv4.Auth, bucket: str, key: str) -> web.Response:
         meta = _user_meta(request)
         body = Body(request, auth, MAX_PUT)
-        old = asyncio.create_task(self._head_or_none(bucket, key))
+        old = None
+        if await self.multipart.may_hold(bucket):  # a multipart object it replaces has parts to drop
+            old = asyncio.create_task(self._head_or_none(bucket, key))
         try:
             # the ETag is known only at the end of the body; it goes into the secret metadata
-            await self.store.put(bucket, key, body, meta=meta,
+            await self.store.put(bucket, key, body, meta=meta, size=body.declared,
                                  meta_after=lambda: {"etag": body.md5.hexdigest()})
         except BaseException:
-            old.cancel()
-            with contextlib.suppress(BaseException):
-                await old
+            if old is not None:
+                old.cancel()
+                with contextlib.suppress(BaseException):
+                    await old
             raise
-        await self._drop_manifest_parts(bucket, await old)
+        if old is not None:
+            await self._drop_manifest_parts(bucket, await old)
         return web.Response(status=200, headers={"ETag": _etag_header(body.md5.hexdigest())})
 
     async def _head_or_none(self, bucket: str, key: str) -> ObjectInfo | None:
@@ -768,6 +810,7 @@ class Gateway:
         upload = uuid.uuid4().hex
         meta.update({"s3-key": key, "s3-initiated": repr(self.now())})
         await self.store.put(bucket, self._upload_key(upload), b"", meta=meta)
+        self.multipart.mark(bucket)  # after the put: a listing from now on sees the upload
         return _xml(sx.document("InitiateMultipartUploadResult", [("Bucket", bucket), ("Key", key),
                                                                   ("UploadId", upload)]))
 
@@ -882,6 +925,9 @@ class Gateway:
             ("MaxUploads", 1000), ("IsTruncated", False), *[("Upload", r[1]) for r in rows]]))
 
 
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
 def sigv4_access_key(request: web.Request) -> str:
     """The access key a request (already verified) was signed with."""
     auth = request.headers.get("Authorization", "")
@@ -928,6 +974,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     async with QStore(state, **kw) as store:
         app[STORE] = store
         app[STARTED] = float(state.extra.get("started_at", config.now()))
+        app[GATEWAY] = Gateway(store, config, app[STARTED])
         yield
 
 
@@ -942,8 +989,7 @@ def create_app(config: GatewayConfig) -> web.Application:
     app.cleanup_ctx.append(_resources)
 
     async def handle(request: web.Request) -> web.StreamResponse:
-        gw = Gateway(request.app[STORE], request.app[CONFIG], request.app[STARTED])
-        return await gw.handle(request)
+        return await request.app[GATEWAY].handle(request)
 
     app.router.add_get(HEALTH_PATH, _health)
     app.router.add_route("*", "/{tail:.*}", handle)
