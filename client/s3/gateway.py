@@ -29,9 +29,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import contextlib
 import email.utils
 import hashlib
+import io
 import json
 import logging
 import os
@@ -86,6 +88,8 @@ STORE = web.AppKey("store", QStore)
 CONFIG = web.AppKey("config", GatewayConfig)
 STARTED = web.AppKey("started", float)
 MULTIPART_TTL_S = 1.0  # how long "this bucket holds no multipart objects" is believed
+MANIFESTS_KEPT = 256
+READ_BUFSIZE = 1 << 20  # a request body arrives in pieces of up to this much
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -208,11 +212,15 @@ class Body:
     Decodes aws-chunked (with per-chunk signatures), counts bytes against the
     declared length and the limit, hashes MD5 (the ETag) and, when the client
     signed one, SHA-256; at the end a mismatch raises, so the put aborts and
-    nothing is stored.
+    nothing is stored. ``gate``: a check running beside the upload (does the
+    multipart upload exist?); its failure ends the body with that error, and
+    the body never ends before it has passed.
     """
 
-    def __init__(self, request: web.Request, auth: sigv4.Auth, limit: int):
+    def __init__(self, request: web.Request, auth: sigv4.Auth, limit: int,
+                 gate: asyncio.Future[Any] | None = None):
         self._content = request.content
+        self._gate = gate
         self._auth = auth
         self._limit = limit
         self.md5 = hashlib.md5()  # noqa: S324  # S3's ETag, not a security check
@@ -259,9 +267,13 @@ class Body:
     async def read(self, n: int) -> bytes:
         if self._done:
             return b""
+        if self._gate is not None and self._gate.done():
+            self._gate.result()  # raises the check's error: the put aborts
         if not self._pending:
             self._pending = await self._raw(n)
             if not self._pending:
+                if self._gate is not None:
+                    await self._gate
                 self._finish()
                 return b""
         out, self._pending = self._pending[:n], self._pending[n:]
@@ -367,6 +379,9 @@ class Gateway:
         self.now = config.now
         self.started = started
         self.multipart = MultipartBuckets(store)
+        # (bucket, key, version, object ID) -> parts: a manifest never changes once written
+        self._manifests: collections.OrderedDict[tuple[str, str, int | None, str], list[dict[str, Any]]] = \
+            collections.OrderedDict()
 
     # -- dispatch --------------------------------------------------------------------------
 
@@ -670,17 +685,28 @@ class Gateway:
         if "s3-manifest" not in info.user_meta:
             await self.store.get(bucket, key, sink, start=start, end=end, version=version)
             return
-        import io
-
-        raw = io.BytesIO()
-        await self.store.get(bucket, key, raw, version=version)
         offset = 0
-        for part in json.loads(raw.getvalue())["parts"]:
+        for part in await self._manifest(bucket, key, version):
             lo, hi = max(start, offset), min(end, offset + part["size"])
             if lo < hi:
                 await self.store.get(bucket, part["key"], sink, start=lo - offset, end=hi - offset,
                                      version=(part["version"], part["object_id"]))
             offset += part["size"]
+
+    async def _manifest(self, bucket: str, key: str, version: tuple[int | None, str]) -> list[dict[str, Any]]:
+        """A multipart object's parts, read once per version (ranged GETs of one object read it often)."""
+        ref = (bucket, key, *version)
+        parts = self._manifests.get(ref)
+        if parts is None:
+            raw = io.BytesIO()
+            await self.store.get(bucket, key, raw, version=version)
+            parts = json.loads(raw.getvalue())["parts"]
+            self._manifests[ref] = parts
+            while len(self._manifests) > MANIFESTS_KEPT:
+                self._manifests.popitem(last=False)
+        else:
+            self._manifests.move_to_end(ref)
+        return parts
 
     @staticmethod
     def _preconditions(request: web.Request, etag: str, modified: float) -> None:
@@ -819,15 +845,26 @@ class Gateway:
         number = _int_param(q.get("partNumber"), "partNumber", 1, sx.MAX_PARTS, 0)
         if number == 0:
             raise S3Error("InvalidArgument", "partNumber is required")
+        if "x-amz-copy-source" in request.headers:
+            raise S3Error("NotImplemented", "UploadPartCopy is not supported")
+        # the upload's check runs beside the part's upload; the part commits only once it passed
+        check = asyncio.create_task(self._open_upload(bucket, key, upload))
+        try:
+            body = Body(request, auth, MAX_PART, gate=check)
+            await self.store.put(bucket, self._part_key(upload, number), body, size=body.declared,
+                                 meta_after=lambda: {"etag": body.md5.hexdigest()})
+        finally:
+            if not check.done():
+                check.cancel()
+            with contextlib.suppress(BaseException):  # its error, if any, went up through the body
+                await check
+        return web.Response(status=200, headers={"ETag": _etag_header(body.md5.hexdigest())})
+
+    async def _open_upload(self, bucket: str, key: str, upload: str) -> ObjectInfo:
         info = await self._upload(bucket, key, upload)
         if "s3-completed" in info.user_meta:
             raise S3Error("NoSuchUpload", "the upload was completed", resource=upload)
-        if "x-amz-copy-source" in request.headers:
-            raise S3Error("NotImplemented", "UploadPartCopy is not supported")
-        body = Body(request, auth, MAX_PART)
-        await self.store.put(bucket, self._part_key(upload, number), body,
-                             meta_after=lambda: {"etag": body.md5.hexdigest()})
-        return web.Response(status=200, headers={"ETag": _etag_header(body.md5.hexdigest())})
+        return info
 
     async def _parts(self, bucket: str, upload: str) -> list[tuple[int, ObjectInfo]]:
         out = []
@@ -999,4 +1036,4 @@ def create_app(config: GatewayConfig) -> web.Application:
 def serve(config: GatewayConfig) -> None:
     """Run the gateway until SIGTERM or SIGINT."""
     web.run_app(create_app(config), host=config.host, port=config.port, print=None,
-                access_log=None, handle_signals=True)
+                access_log=None, handle_signals=True, read_bufsize=READ_BUFSIZE)
