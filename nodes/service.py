@@ -158,9 +158,15 @@ def _caller(request: web.Request) -> str:
 
 
 async def _body_json(request: web.Request) -> dict[str, Any]:
-    raw = await request.content.read(MAX_JSON + 1)
-    if len(raw) > MAX_JSON:
+    if request.content_length is not None and request.content_length > MAX_JSON:
         raise RemoteError("JSON body too long")
+    parts, size = [], 0
+    async for piece in request.content.iter_any():  # read() may stop short of the whole body
+        size += len(piece)
+        if size > MAX_JSON:
+            raise RemoteError("JSON body too long")
+        parts.append(piece)
+    raw = b"".join(parts)
     try:
         doc = json.loads(raw or b"{}")
     except ValueError:
@@ -178,10 +184,11 @@ def _q(request: web.Request, name: str, default: str | None = None) -> str:
 
 
 def _int(value: object, name: str, low: int = 0, high: int = 2**63 - 1) -> int:
-    try:
-        out = int(value) if isinstance(value, str) else value
-    except ValueError:
-        raise RemoteError(f"{name} must be an integer") from None
+    if isinstance(value, str):
+        if not value.isascii() or not value.isdigit() or len(value) > 20:  # int() would take " 5", "5_0"
+            raise RemoteError(f"{name} must be an integer")
+        value = int(value)
+    out = value
     if not isinstance(out, int) or isinstance(out, bool) or not low <= out <= high:
         raise RemoteError(f"{name} must be an integer in [{low}, {high}]")
     return out
