@@ -421,22 +421,16 @@ class QStore:
         live = [nd for nd in self._nodes if nd.site in ok]
         report.failed.update(failed)
         try:
-            if len(live) < self.write_quorum:
-                raise QuorumError(f"only {len(live)} of {self.n} nodes took the upload, "
-                                  f"{self.write_quorum} needed: " + _why(failed))
+            self._need_quorum(live, "took the upload", failed)
             chunks = await self._send_chunks(live, upload_id, bytes.fromhex(begin["object_id"]),
                                              begin["version"], reader, digest, report, progress)
             live = [nd for nd in live if nd.site not in report.failed]
-            if len(live) < self.write_quorum:
-                raise QuorumError(f"only {len(live)} of {self.n} nodes received every chunk, "
-                                  f"{self.write_quorum} needed: " + _why(report.failed))
+            self._need_quorum(live, "received every chunk", report.failed)
             ok, failed = await self._each(live, lambda nd: nd.call(
                 "POST", f"/v1/uploads/{upload_id}/prepare", body={"chunks": chunks}))
             report.failed.update(failed)
             live = [nd for nd in live if nd.site in ok]
-            if len(live) < self.write_quorum:
-                raise QuorumError(f"only {len(live)} of {self.n} nodes prepared, "
-                                  f"{self.write_quorum} needed: " + _why(report.failed))
+            self._need_quorum(live, "prepared", report.failed)
         except BaseException:
             await self._abort(upload_id)
             raise
@@ -485,15 +479,18 @@ class QStore:
             _raise_common(failed, self.k, bucket=bucket)
             report.failed.update(failed)
             live = [nd for nd in self._nodes if nd.site in ok]
-            if len(live) < self.write_quorum:
-                raise QuorumError(f"only {len(live)} of {self.n} nodes prepared, "
-                                  f"{self.write_quorum} needed: " + _why(report.failed))
+            self._need_quorum(live, "prepared", report.failed)
         except BaseException:
             await self._abort(upload_id)
             raise
         if progress is not None and chunk is not None:
             progress(len(chunk))
         return live, chunks
+
+    def _need_quorum(self, live: list[_Node], what: str, failed: Mapping[str, str]) -> None:
+        if len(live) < self.write_quorum:
+            raise QuorumError(f"only {len(live)} of {self.n} nodes {what}, {self.write_quorum} needed: "
+                              + _why(failed))
 
     async def _abort(self, upload_id: str) -> None:
         await self._each(self._nodes, lambda nd: nd.call("DELETE", f"/v1/uploads/{upload_id}"))
