@@ -133,3 +133,15 @@ class BucketNotEmpty(Conflict):
     def __init__(self, bucket: str):
         self.bucket = bucket
         super().__init__(f"bucket {bucket!r} is not empty")
+
+
+class Forbidden(RemoteError):
+    """The caller is known but may not do this (drop another owner's table, query without a grant)."""
+
+    status = 403
+
+
+class NoSuchTable(NotFound):
+    def __init__(self, table: str):
+        self.table = table
+        super().__init__(f"no table {table!r}")
