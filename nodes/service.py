@@ -47,16 +47,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
+from nodes import mpc as runtime
+from nodes.mpc import Mailbox, QueryFailed
 from nodes.store import Store, Upload, Version
+from nodes.tables import TableInfo, TableStore, TableUpload, check_sae, check_table_name
 from qkd_sim import pki
 from qkd_sim.envelope_keys import envelope_keys, opening_keys
 from qkd_sim.kme import caller_of
 from qkd_sim.sae import KMEError, SAEClient, SAEConfig
 from qstore import otp
 from qstore.cluster import ClusterState, node_sae_id
-from qstore.errors import LocalError, QStoreError, RemoteError, SealError
+from qstore.errors import Forbidden, LocalError, QStoreError, RemoteError, SealError
 from qstore.framing import HEADER_SIZE, split_frame
 
 log = logging.getLogger(__name__)
@@ -68,6 +72,16 @@ _HEX32 = re.compile(r"[0-9a-f]{32}")
 
 class Unauthorized(RemoteError):
     status = 401
+
+
+@dataclass(frozen=True, kw_only=True)
+class Peer:
+    """Another storage node: an MPC partner."""
+
+    x: int
+    sae_id: str
+    site: str
+    url: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,6 +105,9 @@ class NodeConfig:
     scrub_bytes: int = 256 << 20
     key_wait_s: float = 30.0
     fsync: bool = True
+    t: int = 1  # MPC threshold: any t nodes learn nothing (t = k - 1 of the cluster)
+    peers: tuple[Peer, ...] = ()  # the other storage nodes (MPC partners)
+    mpc_round_timeout_s: float = 60.0
     clock: Callable[[], float] = field(default=time.time, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -100,6 +117,10 @@ class NodeConfig:
             raise LocalError("x must be in 1..255")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise LocalError("port must be in [0, 65535]")
+        if not isinstance(self.t, int) or not 1 <= self.t <= 127:
+            raise LocalError("t must be in 1..127")
+        if any(p.x == self.x for p in self.peers) or len({p.x for p in self.peers}) != len(self.peers):
+            raise LocalError("peers must have distinct x coordinates other than this node's")
 
     @classmethod
     def from_state(cls, state: ClusterState, site: str, **overrides: Any) -> NodeConfig:
@@ -107,8 +128,10 @@ class NodeConfig:
         node = state.node(site)
         sae = state.sae(node.id)
         host, _, port = node.url.removeprefix("https://").rpartition(":")
+        peers = tuple(Peer(x=o.x, sae_id=o.id, site=o.site, url=o.url)
+                      for o in state.nodes if o.id != node.id)
         return cls(**{
-            "site": node.site, "sae_id": node.id, "x": node.x,
+            "site": node.site, "sae_id": node.id, "x": node.x, "t": max(1, state.k - 1), "peers": peers,
             "data_dir": node.data or state.directory / "nodes" / node.site,
             "cert": sae.cert, "key": sae.key, "ca": state.ca, "kme_url": state.kme_url_of(node.id),
             "host": host.strip("[]"), "port": int(port), **overrides,
@@ -119,6 +142,9 @@ CONFIG = web.AppKey("config", NodeConfig)
 STORE = web.AppKey("store", Store)
 SAE = web.AppKey("sae", SAEClient)
 STATS = web.AppKey("stats", dict)
+TABLES = web.AppKey("tables", TableStore)
+MAILBOX = web.AppKey("mailbox", Mailbox)
+PEER_SESSION = web.AppKey("peer_session", aiohttp.ClientSession)
 
 
 def _json(obj: object, status: int = 200) -> web.Response:
@@ -418,6 +444,271 @@ async def _admin_scrub(request: web.Request) -> web.Response:
     return _json(_plain(report))
 
 
+# -- tables --------------------------------------------------------------------------
+
+
+async def _tables(request: web.Request) -> web.Response:
+    _caller(request)
+    infos = await asyncio.to_thread(request.app[TABLES].list)
+    return _json({"tables": [i.to_json() for i in infos]})
+
+
+async def _table(request: web.Request) -> web.Response:
+    _caller(request)
+    info = await asyncio.to_thread(request.app[TABLES].get, request.match_info["name"])
+    return _json(info.to_json())
+
+
+async def _table_begin(request: web.Request) -> web.Response:
+    caller = _caller(request)
+    doc = await _body_json(request)
+    from qstore.tables import Schema
+
+    columns = doc.get("columns")
+    upload = TableUpload(upload_id=doc.get("upload_id"), name=doc.get("name"), owner=caller,  # type: ignore[arg-type]
+                         schema=doc.get("schema"), rows=doc.get("rows"),  # type: ignore[arg-type]
+                         columns=tuple(columns) if isinstance(columns, list) else None)  # type: ignore[arg-type]
+    schema = Schema.from_json(upload.schema)  # a schema the statistics layer understands, or 400
+    if list(upload.columns) != list(schema.stored_columns()):
+        raise RemoteError("columns must be the schema's stored columns, in order")
+    await asyncio.to_thread(request.app[TABLES].begin, upload)
+    return _json({"upload_id": upload.upload_id})
+
+
+async def _table_part(request: web.Request) -> web.Response:
+    caller = _caller(request)
+    column = _int(request.match_info["column"], "column", 0, 4095)
+    row = _int(_q(request, "row"), "row", 0, 10**7)
+    if request.content_length is not None and request.content_length > MAX_ENVELOPE:
+        raise RemoteError("envelope too long")
+    shares = await _open(request, caller, await request.read())
+    await asyncio.to_thread(request.app[TABLES].write, request.match_info["upload_id"], caller, column, row,
+                            shares)
+    return _json({"column": column, "rows": len(shares) // 16})
+
+
+async def _table_commit(request: web.Request) -> web.Response:
+    caller = _caller(request)
+    info = await asyncio.to_thread(request.app[TABLES].commit, request.match_info["upload_id"], caller)
+    log.info("table %s committed by %s: %d rows", info.name, caller, info.rows)
+    return _json(info.to_json())
+
+
+async def _table_abort(request: web.Request) -> web.Response:
+    caller = _caller(request)
+    await asyncio.to_thread(request.app[TABLES].abort, request.match_info["upload_id"], caller)
+    return web.Response(status=204)
+
+
+async def _table_drop(request: web.Request) -> web.Response:
+    caller = _caller(request)
+    await asyncio.to_thread(request.app[TABLES].drop, request.match_info["name"], caller)
+    return web.Response(status=204)
+
+
+async def _table_grant(request: web.Request) -> web.Response:
+    caller = _caller(request)
+    doc = await _body_json(request)
+    revoke = doc.get("revoke", False)
+    if not isinstance(revoke, bool):
+        raise RemoteError("revoke must be true or false")
+    info = await asyncio.to_thread(request.app[TABLES].grant, request.match_info["name"], caller,
+                                   check_sae(doc.get("analyst")), revoke=revoke)
+    return _json(info.to_json())
+
+
+# -- MPC -----------------------------------------------------------------------------
+
+
+def _peer_x(request: web.Request, caller: str) -> int:
+    for p in request.app[CONFIG].peers:
+        if p.sae_id == caller:
+            return p.x
+    raise Forbidden("only the cluster's storage nodes take part in MPC")
+
+
+def _query_id(value: object) -> str:
+    if not isinstance(value, str) or not _HEX32.fullmatch(value):
+        raise RemoteError("query_id must be 32 lowercase hex digits")
+    return value
+
+
+async def _mpc_message(request: web.Request) -> web.Response:
+    """A sealed message of a peer node for one round of a query."""
+    caller = _caller(request)
+    x = _peer_x(request, caller)
+    query_id = _query_id(_q(request, "query"))
+    round_ = _int(_q(request, "round"), "round", 0, 10**6)
+    parts = _int(_q(request, "parts"), "parts", 1, 1024)
+    part = _int(_q(request, "part"), "part", 0, parts - 1)
+    if request.content_length is not None and request.content_length > MAX_ENVELOPE:
+        raise RemoteError("envelope too long")
+    payload = await _open(request, caller, await request.read())
+    request.app[MAILBOX].put(query_id, round_, x, part, parts, payload)
+    return web.Response(status=204)
+
+
+async def _mpc_abort(request: web.Request) -> web.Response:
+    caller = _caller(request)
+    _peer_x(request, caller)
+    doc = await _body_json(request)
+    reason = doc.get("reason", "")
+    why = reason[:300] if isinstance(reason, str) else ""
+    request.app[MAILBOX].fail(_query_id(_q(request, "query")), f"node {caller} stopped: {why}")
+    return web.Response(status=204)
+
+
+async def _mpc_audit(request: web.Request) -> web.Response:
+    """The audit log entries the caller may see: its own queries and those on tables it owns."""
+    caller = _caller(request)
+    limit = _limit(request)
+    tables = request.app[TABLES]
+    owned = {i.name for i in await asyncio.to_thread(tables.list) if i.owner == caller}
+    entries = await asyncio.to_thread(tables.audit_log, limit)
+    return _json({"entries": [e for e in entries if e["analyst"] == caller or owned & set(e["tables"])]})
+
+
+async def _send_to_peer(app: web.Application, peer: Peer, query_id: str, round_: int, payload: bytes) -> int:
+    """Seal ``payload`` for ``peer`` (in parts if long) and post it; QKD key bytes spent."""
+    step = runtime.PART_BYTES
+    pieces = [payload[i : i + step] for i in range(0, len(payload), step)] or [b""]
+    spent = 0
+    for i, piece in enumerate(pieces):
+        need = otp.key_cost("otp", len(piece))
+        stream = await envelope_keys(app[SAE], peer.sae_id, need)
+        try:
+            envelope = otp.seal_parts(piece, stream)
+        finally:
+            stream.wipe()
+        params = {"query": query_id, "round": str(round_), "part": str(i), "parts": str(len(pieces))}
+        try:
+            async with app[PEER_SESSION].post(peer.url + "/v1/mpc/messages", params=params,
+                                              data=bytes(envelope)) as resp:
+                body = await resp.read()
+                if resp.status >= 300:
+                    try:
+                        message = str(json.loads(body).get("message", ""))
+                    except (ValueError, AttributeError):
+                        message = f"HTTP {resp.status}"
+                    raise QueryFailed(f"node {peer.site} refused a message: {message}")
+        except (aiohttp.ClientError, OSError) as exc:
+            raise QueryFailed(f"node {peer.site} unreachable ({type(exc).__name__})") from None
+        spent += need
+        _count_app(app, peer.sae_id, "key_out", need)
+        _count_app(app, peer.sae_id, "bytes_out", len(envelope))
+    return spent
+
+
+def _count_app(app: web.Application, peer: str, what: str, nbytes: int) -> None:
+    per_peer = app[STATS].setdefault(peer, {"key_in": 0, "key_out": 0, "bytes_in": 0, "bytes_out": 0})
+    per_peer[what] += nbytes
+
+
+async def _abort_peers(app: web.Application, peers: list[Peer], query_id: str, reason: str) -> None:
+    async def one(peer: Peer) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                async with app[PEER_SESSION].post(peer.url + "/v1/mpc/abort", params={"query": query_id},
+                                                  json={"reason": reason}) as resp:
+                    await resp.read()
+
+    await asyncio.gather(*(one(p) for p in peers))
+
+
+def _union(infos: list[TableInfo]) -> tuple[Any, int]:
+    """The schema a query over the union of ``infos`` runs with, and the total row count."""
+    from qstore.tables import Schema
+
+    schemas = [Schema.from_json(i.schema) for i in infos]
+    for info, other in zip(infos[1:], schemas[1:], strict=True):
+        if not schemas[0].same_shape(other):
+            raise RemoteError(f"table {info.name!r} does not have the schema of {infos[0].name!r}")
+    schema = dataclasses.replace(schemas[0], min_group_size=max(s.min_group_size for s in schemas))
+    return schema, sum(i.rows for i in infos)
+
+
+async def _mpc_query(request: web.Request) -> web.Response:
+    """Run one statistics query with the other parties; answer with result shares sealed for the caller."""
+    import numpy as np
+    from qstore.mpc import engine, stats
+    from qstore.query import Query
+
+    from qstore.rng import AesCtrRandom
+
+    caller = _caller(request)
+    c = request.app[CONFIG]
+    doc = await _body_json(request)
+    query_id = _query_id(doc.get("query_id"))
+    query = Query.from_json(doc.get("query"))
+    parties = doc.get("parties")
+    if not isinstance(parties, list) or not all(type(p) is int for p in parties):
+        raise RemoteError("parties must be a list of node x coordinates")
+    by_x = {p.x: p for p in c.peers}
+    if c.x not in parties or len(set(parties)) != len(parties) or not set(parties) <= set(by_x) | {c.x}:
+        raise RemoteError("parties must name distinct storage nodes of this cluster, this one included")
+    if len(parties) < 2 * c.t + 1:
+        raise RemoteError(f"MPC needs at least {2 * c.t + 1} nodes (2t+1, t = {c.t}), {len(parties)} named")
+    tables = request.app[TABLES]
+    names = list(query.tables) + ([query.join.table] if query.join is not None else [])
+    infos = [await asyncio.to_thread(tables.get, check_table_name(n)) for n in names]
+    for info in infos:
+        if not info.may_query(caller):
+            raise Forbidden(f"{caller} has no grant to query table {info.name!r}")
+    main = infos[: len(query.tables)]
+    schema, rows = _union(main)
+    needed = stats.columns_needed(query, schema)
+    loaded = [await asyncio.to_thread(tables.load, info, needed) for info in main]
+    data = {col: np.concatenate([part[col] for part in loaded]) if loaded else None for col in needed}
+    extra: dict[str, Any] = {}
+    if query.join is not None:
+        other_schema, other_rows = _union(infos[len(query.tables):])
+        other_needed = stats.columns_needed(query, other_schema, side="join")
+        extra = {"other": (other_schema,
+                           await asyncio.to_thread(tables.load, infos[-1], other_needed), other_rows)}
+    peers = sorted(x for x in parties if x != c.x)
+    ctx = engine.Context(me=c.x, parties=tuple(sorted(parties)), t=c.t, rng=AesCtrRandom())
+    revealed = stats.revealed(query)
+    entry = await asyncio.to_thread(tables.audit_start, query_id, caller, names, query.to_json(), revealed)
+    mailbox = request.app[MAILBOX]
+    run = runtime.RunStats()
+    status = "failed"
+    try:
+        protocol = stats.program(ctx, query, schema, data, rows, **extra)
+        outputs = await runtime.drive(
+            protocol, query_id=query_id, me=c.x, peers=peers,
+            send=lambda x, r, payload: _send_to_peer(request.app, by_x[x], query_id, r, payload),
+            mailbox=mailbox, names={p.x: p.site for p in c.peers},
+            round_timeout_s=c.mpc_round_timeout_s, max_elements=64 * max(rows, 1) * 256 + 2**20, stats=run)
+        names_out = sorted(outputs)
+        payload = engine.encode_payload([outputs[n] for n in names_out])
+        need = otp.key_cost("otp", len(payload))
+        stream = await envelope_keys(request.app[SAE], caller, need)
+        try:
+            envelope = otp.seal_parts(payload, stream)
+        finally:
+            stream.wipe()
+        _count(request, caller, "key_out", need)
+        run.key_spent += need
+        status = "ok"
+    except QueryFailed as exc:
+        status = f"failed: {exc}"
+        await _abort_peers(request.app, [by_x[x] for x in peers], query_id, str(exc))
+        raise
+    except QStoreError as exc:
+        status = f"failed: {exc}"
+        await _abort_peers(request.app, [by_x[x] for x in peers], query_id, str(exc))
+        raise
+    finally:
+        mailbox.close(query_id)
+        await asyncio.to_thread(tables.audit_end, entry, status, run.key_spent)
+    log.info("query %s by %s on %s: %s, %d rounds, %d bytes sent, %d key bytes, %.3f s", query_id, caller,
+             ",".join(names), status, run.rounds, run.bytes_sent, run.key_spent, run.seconds)
+    info = {"outputs": names_out, "rounds": run.rounds, "key_spent": run.key_spent, "seconds": run.seconds,
+            "bytes_sent": run.bytes_sent}
+    return web.Response(body=bytes(envelope), content_type="application/octet-stream",
+                        headers={"X-QStore-Result": json.dumps(info)})
+
+
 def _plain(obj: object) -> object:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
@@ -436,6 +727,12 @@ def _plain(obj: object) -> object:
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     c = app[CONFIG]
     app[STORE] = await asyncio.to_thread(Store, c.data_dir, clock=c.clock, fsync=c.fsync)
+    app[TABLES] = await asyncio.to_thread(TableStore, c.data_dir, clock=c.clock, fsync=c.fsync)
+    app[MAILBOX] = Mailbox()
+    peer_timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=c.mpc_round_timeout_s)
+    app[PEER_SESSION] = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=pki.client_ssl_context(c.cert, c.key, c.ca), limit=0),
+        timeout=peer_timeout)
     sae = SAEClient(SAEConfig(sae_id=c.sae_id, kme_url=c.kme_url, cert=c.cert, key=c.key, ca=c.ca,
                               key_size=8 * 2**20, batch=8, wait_s=c.key_wait_s))
     app[SAE] = await sae.__aenter__()
@@ -452,7 +749,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await sae.close()
+        await app[PEER_SESSION].close()
         app[STORE].close()
+        app[TABLES].close()
 
 
 async def _every(interval_s: float, job: Callable[[], object], name: str) -> None:
@@ -491,6 +790,18 @@ def create_app(config: NodeConfig) -> web.Application:
     r.add_get("/v1/chunk", _get_chunk)
     r.add_post("/v1/admin/gc", _admin_gc)
     r.add_post("/v1/admin/scrub", _admin_scrub)
+    r.add_get("/v1/tables", _tables)
+    r.add_post("/v1/tables/uploads", _table_begin)
+    r.add_put("/v1/tables/uploads/{upload_id}/columns/{column}", _table_part)
+    r.add_post("/v1/tables/uploads/{upload_id}/commit", _table_commit)
+    r.add_delete("/v1/tables/uploads/{upload_id}", _table_abort)
+    r.add_get("/v1/tables/{name}", _table)
+    r.add_delete("/v1/tables/{name}", _table_drop)
+    r.add_post("/v1/tables/{name}/grants", _table_grant)
+    r.add_post("/v1/mpc/queries", _mpc_query)
+    r.add_post("/v1/mpc/messages", _mpc_message)
+    r.add_post("/v1/mpc/abort", _mpc_abort)
+    r.add_get("/v1/mpc/audit", _mpc_audit)
     return app
 
 

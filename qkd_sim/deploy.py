@@ -37,9 +37,14 @@ SEED_BYTES = 32
 
 
 def sae_sites(net: Network) -> dict[str, str]:
-    """SAE ID → site for every SAE of the cluster: one per node, the client and the gateway."""
+    """SAE ID → site of every SAE: one per node, the client, the gateway, each site's ``saes``."""
     out = {node_sae_id(site.name): site.name for site in net.node_sites}
     out[CLIENT_SAE] = out[GATEWAY_SAE] = net.client_site.name
+    for site in net.sites:
+        for sae in site.saes:
+            if sae in out:
+                raise ConfigError(f"site {site.name}: SAE ID {sae!r} is already taken")
+            out[sae] = site.name
     return out
 
 

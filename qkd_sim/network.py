@@ -17,6 +17,7 @@ Cluster file (TOML, ``deploy/*.toml``)::
     node = true                # runs a storage node (default); false: a client site, KME only
     kme_port = 0               # fixed ports of its KME and node; 0: the launcher picks free ones
     node_port = 0
+    saes = ["hospital-a"]      # extra SAEs (data owners, analysts) attached to this site's KME
 
     [[links]]
     a = "koganei"
@@ -44,6 +45,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import re
 import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -59,6 +61,9 @@ class ConfigError(LocalError):
     """A cluster file that cannot be used, with the place that is wrong."""
 
 
+_SAE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Site:
     """A place: one KME, and a storage node unless ``node`` is false (a client site)."""
@@ -68,8 +73,15 @@ class Site:
     node: bool = True
     kme_port: int = 0  # 0: the launcher picks a free port
     node_port: int = 0
+    saes: tuple[str, ...] = ()  # extra SAE IDs at this site (organisations: data owners, analysts)
 
     def __post_init__(self) -> None:
+        if isinstance(self.saes, list):
+            object.__setattr__(self, "saes", tuple(self.saes))
+        ok = isinstance(self.saes, tuple) and all(isinstance(s, str) and _SAE_ID.fullmatch(s)
+                                                  for s in self.saes)
+        if not ok or len(set(self.saes)) != len(self.saes):
+            raise ConfigError(f"site {self.name}: saes must be distinct SAE IDs (letters, digits, . - _)")
         if (not isinstance(self.name, str) or not self.name
                 or not self.name.replace("-", "").replace("_", "").isalnum() or not self.name.isascii()):
             raise ConfigError(f"site name {self.name!r}: use letters, digits, '-' and '_'")

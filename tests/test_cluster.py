@@ -88,7 +88,13 @@ def test_sites_say_which_run_a_node_and_x_follows_the_file():
     assert net.n == 5 and net.client_site.name == "client"
     assert deploy.node_xs(net) == {f"site{i}": i for i in range(1, 6)}
     assert deploy.sae_sites(net) == {**{f"node.site{i}": f"site{i}" for i in range(1, 6)},
-                                     "client": "client", "gateway": "client"}
+                                     "client": "client", "gateway": "client", "hospital-a": "client",
+                                     "hospital-b": "client", "hospital-c": "client", "analyst": "client"}
+    taken = {"cluster": {"k": 2}, "sites": [{"name": "p"}, {"name": "q", "saes": ["client"]}]}
+    with pytest.raises(ConfigError, match="already taken"):
+        deploy.sae_sites(Network.from_dict(taken))
+    with pytest.raises(ConfigError, match="saes"):
+        Network.from_dict({"cluster": {"k": 2}, "sites": [{"name": "p", "saes": ["a b"]}, {"name": "q"}]})
     tokyo = Network.from_toml(ROOT / "deploy" / "tokyo.toml", lambda link: 1000.0)
     assert tokyo.client_site.name == "client" and tokyo.n == 4
     only_nodes = Network.from_dict({"cluster": {"k": 2}, "sites": [{"name": "p"}, {"name": "q"}]})
@@ -136,7 +142,8 @@ def test_a_kme_config_comes_from_the_file_the_links_and_the_seeds(tmp_path):
     assert all(lk.epoch == 1000.0 and lk.rate_bps == float("inf") for lk in one.links)
     assert set(one.routes) == {"kme.site3", "kme.site4"} and "kme.site1" not in one.peers
     desk = deploy.kme_config(net, "client", links=links, seeds=seeds, kme_urls=urls, **files)
-    assert desk.saes == {"client", "gateway"} and not desk.routes and len(desk.links) == 5
+    assert desk.saes == {"client", "gateway", "hospital-a", "hospital-b", "hospital-c", "analyst"}
+    assert not desk.routes and len(desk.links) == 5
     # both ends of a link get the same seed
     other = deploy.kme_config(net, "site2", links=links, seeds=seeds, kme_urls=urls, **files)
     seed_of = {lk.peer: lk.seed for lk in one.links}
@@ -187,7 +194,8 @@ def test_up_writes_the_state_beside_the_certificates(local):
     assert printed["state"] == str(root) and printed["kmes"] == state.to_json()["kmes"]
     assert [k.site for k in state.kmes] == ["site1", "site2", "site3", "site4", "site5", "client"]
     assert all(k.url.startswith("https://127.0.0.1:") and k.pid for k in state.kmes)
-    assert sorted(s.id for s in state.saes) == ["client", "gateway"] + [f"node.site{i}" for i in range(1, 6)]
+    expected = ["client", "gateway", "analyst", "hospital-a", "hospital-b", "hospital-c"]
+    assert sorted(s.id for s in state.saes) == sorted(expected + [f"node.site{i}" for i in range(1, 6)])
     assert all(s.cert.parent == root / "certs" and s.cert.exists() and s.key.exists() for s in state.saes)
     assert state.ca == root / "ca" / "ca.pem" and state.k == 3 and state.n == 5
     assert len(state.extra["links"]) == 10 and all(lk["epoch"] > 0 for lk in state.extra["links"])
