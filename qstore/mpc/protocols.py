@@ -342,7 +342,8 @@ class Masks:
 
     def take(self, index: int | slice | tuple[int | slice, ...]) -> Masks:
         """The masks of the elements ``high[index]`` (indexing the element shape)."""
-        return Masks(self.bits[:, index], self.high[index], self.high_bits)
+        bits, high = self.bits[:, index], self.high[index]
+        return Masks(np.ascontiguousarray(bits), np.ascontiguousarray(high), self.high_bits)
 
 
 def masks(ctx: Context, shape: int | tuple[int, ...], m: int, high_bits: int) -> Protocol[Masks]:
@@ -396,7 +397,7 @@ def prefix_mul(ctx: Context, x: Vec) -> Protocol[Vec]:
     Sklansky's log-depth network: R(len) rounds, (len/2)·R(len) mults per
     element of the trailing shape. Reveals nothing.
     """
-    x = x.copy()
+    x = np.array(x, copy=True, order="C")
     m = x.shape[0]
     idx = np.arange(m)
     k = 0
@@ -435,10 +436,10 @@ def _bits_lt(ctx: Context, c_bits: np.ndarray, r_bits: Vec) -> Protocol[Vec]:
     R(m) rounds.
     """
     g = _select(c_bits == 1, r_bits, _one_minus(r_bits))
-    s = (yield from prefix_mul(ctx, g[::-1]))[::-1]
+    s = np.ascontiguousarray((yield from prefix_mul(ctx, g[::-1]))[::-1])
     s_next = np.concatenate([s[1:], _ones((1,) + _shape(s)[1:])])
     d = _select(c_bits == 0, field.sub(s_next, s), field.zeros(_shape(s)))
-    return field.total(np.moveaxis(d, 0, -2))
+    return field.total(np.ascontiguousarray(np.moveaxis(d, 0, -2)))
 
 
 # ---------------------------------------------------------------- comparison and friends
