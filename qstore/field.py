@@ -20,8 +20,10 @@ tests compare against; the fast paths are vectorised kernels
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Iterable, Sequence
+from functools import cache, lru_cache
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,7 @@ import numpy as np
 P = (1 << 127) - 1
 ELEM_BYTES = 16
 _MASK64 = (1 << 64) - 1
+_TOP = (1 << 63) - 1  # the high limb of p
 _U64 = np.uint64
 
 Vec = np.ndarray  # uint64, shape (..., 2), reduced
@@ -39,6 +42,10 @@ class FieldError(ValueError):
 
 
 # ---------------------------------------------------------------- conversion
+
+
+def _shape(shape: int | tuple[int, ...]) -> tuple[int, ...]:
+    return (shape,) if isinstance(shape, int) else tuple(shape)
 
 
 def _objs(v: Vec) -> np.ndarray:
@@ -59,33 +66,49 @@ def _from_objs(o: np.ndarray) -> Vec:
 
 def zeros(shape: int | tuple[int, ...]) -> Vec:
     """A vector of zeros."""
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    return np.zeros(shape + (2,), dtype=_U64)
+    return np.zeros(_shape(shape) + (2,), dtype=_U64)
+
+
+def _from_int_array(a: np.ndarray) -> Vec:
+    """Integer (or bool) array of at most 64 bits → field elements, negative x as p - |x|."""
+    out = np.empty(a.shape + (2,), dtype=_U64)
+    if a.dtype.kind == "u" or a.dtype.kind == "b":
+        out[..., 0] = a
+        out[..., 1] = 0
+        return out
+    s = a.astype(np.int64, copy=False)
+    neg = (s < 0).astype(_U64)
+    # p - x for 0 < x <= 2^63: low limb 2^64 - x - 1 (two's complement minus one), high limb 2^63 - 1
+    out[..., 0] = s.view(_U64) - neg
+    out[..., 1] = neg * _U64(_TOP)
+    return out
 
 
 def from_ints(values: Iterable[int] | np.ndarray) -> Vec:
     """Integers of any sign → field elements (negative x becomes p - |x|).
 
-    int64/int32/bool numpy arrays take a vectorised path; anything else goes
-    through Python ints.
+    Integer and bool numpy arrays of up to 64 bits, and sequences whose
+    values all fit in int64 or uint64, are converted without Python work
+    per element; anything else goes through Python ints.
     """
-    if isinstance(values, np.ndarray) and values.dtype.kind in "biu" and values.dtype.itemsize <= 8:
-        a = values.astype(np.int64, copy=False)
-        out = np.zeros(a.shape + (2,), dtype=_U64)
-        neg = a < 0
-        # -x mod p for 0 < x < 2^63: p - x = (2^64 - x) + (2^63 - 1) * 2^64 with the top bit clear
-        out[..., 0] = a.astype(_U64)  # two's complement: 2^64 - x for negatives
-        out[..., 0][neg] -= _U64(1)  # p = 2^127 - 1: subtract the missing 1
-        out[..., 1][neg] = _U64((1 << 63) - 1)
-        return out
-    return _from_objs(np.array(list(values) if not isinstance(values, np.ndarray) else values, dtype=object))
+    if not isinstance(values, np.ndarray):
+        values = list(values)
+        try:
+            arr = np.asarray(values)
+        except (OverflowError, ValueError):  # ragged, or too large for numpy's integer types
+            arr = None
+        if arr is not None and arr.dtype.kind in "biu" and arr.dtype.itemsize <= 8:
+            return _from_int_array(arr)
+        return _from_objs(np.array(values, dtype=object))
+    if values.dtype.kind in "biu" and values.dtype.itemsize <= 8:
+        return _from_int_array(values)
+    return _from_objs(np.array(values, dtype=object))
 
 
 def from_int(value: int, shape: int | tuple[int, ...] = ()) -> Vec:
     """One integer as a field vector of the given shape (every element equal)."""
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
     value %= P
-    out = np.empty(shape + (2,), dtype=_U64)
+    out = np.empty(_shape(shape) + (2,), dtype=_U64)
     out[..., 0] = value & _MASK64
     out[..., 1] = value >> 64
     return out
@@ -93,24 +116,46 @@ def from_int(value: int, shape: int | tuple[int, ...] = ()) -> Vec:
 
 def to_ints(v: Vec) -> list[Any]:
     """Field vector → (nested) list of Python ints in [0, p)."""
-    return _objs(check(v)).tolist()
+    v = check(v)
+    if not v[..., 1].any():  # every element below 2^64: numpy makes the ints
+        return v[..., 0].tolist()
+    return _objs(v).tolist()
 
 
 def to_signed(v: Vec) -> list[Any]:
     """Field vector → Python ints in (-p/2, p/2]: how signed results are read."""
-    o = _objs(check(v))
+    v = check(v)
+    lo, hi = v[..., 0], v[..., 1]
+    small = (hi == 0) & (lo >> _U64(63) == 0)  # x < 2^63
+    # x >= p - 2^63, read as x - p = lo + 1 - 2^64 (at least -2^63): the int64 bits of lo + 1
+    negative = (hi == _U64(_TOP)) & (lo >= _U64(_TOP))
+    if bool(np.all(small | negative)):
+        return np.where(small, lo, lo + _U64(1)).view(np.int64).tolist()
+    o = _objs(v)
     o = np.asarray(np.where(o > P // 2, o - P, o), dtype=object)
     return o.tolist()
 
 
 def check(v: object) -> Vec:
     """``v`` if it is a field vector (uint64, last axis 2, reduced), else FieldError."""
+    v = _structure(v)
+    if v.size:
+        k = _kernels()
+        if k is not None:
+            c = np.ascontiguousarray(v)
+            if k.check(c.ctypes.data, c.size // 2) != c.size // 2:
+                raise FieldError("field element out of range")
+            return v
+        hi = v[..., 1]
+        if int(hi.max()) >> 63 or bool(np.any((hi == _U64(_TOP)) & (v[..., 0] == _U64(_MASK64)))):
+            raise FieldError("field element out of range")
+    return v
+
+
+def _structure(v: object) -> Vec:
+    """``v`` if it is shaped like a field vector (its values unchecked), else FieldError."""
     if not isinstance(v, np.ndarray) or v.dtype != _U64 or v.ndim < 1 or v.shape[-1] != 2:
         raise FieldError("not a field vector (uint64 array with last axis 2)")
-    hi = v[..., 1]
-    top = _U64((1 << 63) - 1)
-    if hi.size and (int(hi.max()) >> 63 or bool(np.any((hi == top) & (v[..., 0] == _U64(_MASK64))))):
-        raise FieldError("field element out of range")
     return v
 
 
@@ -126,7 +171,7 @@ def from_bytes(data: bytes | bytearray | memoryview, shape: int | tuple[int, ...
     n = len(data) // ELEM_BYTES
     v = np.frombuffer(data, dtype="<u8").astype(_U64).reshape(n, 2)
     if shape is not None:
-        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        shape = _shape(shape)
         if int(np.prod(shape, dtype=np.int64)) != n:
             raise FieldError(f"{n} field elements do not fill shape {shape}")
         v = v.reshape(shape + (2,))
@@ -172,67 +217,221 @@ def _ref_lincomb(coeffs: Sequence[int], vecs: Sequence[Vec]) -> Vec:
     return _from_objs(acc)
 
 
-def _kernels() -> Any:
-    return None  # replaced by qstore._fieldsimd when it is available
+# ---------------------------------------------------------------- kernels
+
+
+@cache
+def _kernels() -> Any:  # -> qstore._fieldsimd.Kernels | None
+    """The compiled kernels, or None: then every operation takes its reference path.
+
+    Compiled on first use (about 0.2 s); ``QSTORE_KERNEL=numpy`` or a JIT
+    failure (no llvmlite, no usable host target) selects the reference
+    paths for the life of the process.
+    """
+    if os.environ.get("QSTORE_KERNEL", "").strip().lower() == "numpy":
+        return None
+    try:
+        from qstore import _fieldsimd
+
+        return _fieldsimd.compile_kernels()
+    except Exception:  # any failure to build machine code leaves the (slow, exact) reference paths
+        return None
+
+
+def backend() -> str:
+    """``"llvm"`` when the compiled kernels run here, else ``"reference"`` (Python integers)."""
+    return "reference" if _kernels() is None else "llvm"
+
+
+def _const(c: int) -> np.ndarray:
+    return from_int(operator.index(c))
+
+
+@lru_cache(maxsize=64)
+def _exponent_bits(e: int) -> np.ndarray:
+    """The bits of e > 0, most significant first, one byte each (the power kernels' form)."""
+    bits = np.frombuffer(bin(e)[2:].encode(), dtype=np.uint8) - np.uint8(ord("0"))
+    bits.setflags(write=False)
+    return bits
+
+
+def _map(name: str, a: Vec, b: Vec | None = None, const: np.ndarray | None = None) -> Vec:
+    """Run an elementwise kernel over contiguous copies of its inputs into a new array."""
+    k = _kernels()
+    a = np.ascontiguousarray(a)
+    out = np.empty(a.shape, dtype=_U64)
+    n = a.size // 2
+    if n:
+        second = [] if b is None and const is None else [(const if const is not None else b).ctypes.data]
+        getattr(k, name)(a.ctypes.data, *second, out.ctypes.data, n)
+    return out
+
+
+def _binary(name: str, a: Vec, b: Vec) -> Vec:
+    """a op b with numpy broadcasting; a single element on one side uses the constant kernels."""
+    if a.shape != b.shape:
+        shape = np.broadcast_shapes(a.shape, b.shape)
+        if b.size == 2 and a.shape == shape and name != "sub":
+            return _map("add_const" if name == "add" else "scale", a, const=np.ascontiguousarray(b))
+        if a.size == 2 and b.shape == shape and name != "sub":
+            return _map("add_const" if name == "add" else "scale", b, const=np.ascontiguousarray(a))
+        if b.size == 2 and a.shape == shape:  # a - c = a + (p - c)
+            return _map("add_const", a, const=_map("neg", b))
+        a, b = np.broadcast_to(a, shape), np.ascontiguousarray(np.broadcast_to(b, shape))
+    return _map(name, a, np.ascontiguousarray(b))
 
 
 def add(a: Vec, b: Vec) -> Vec:
-    """a + b elementwise (shapes must match)."""
-    return _ref_add(a, b)
+    """a + b elementwise (numpy broadcasting)."""
+    a, b = _structure(a), _structure(b)
+    return _ref_add(a, b) if _kernels() is None else _binary("add", a, b)
 
 
 def sub(a: Vec, b: Vec) -> Vec:
     """a - b elementwise."""
-    return _ref_sub(a, b)
+    a, b = _structure(a), _structure(b)
+    return _ref_sub(a, b) if _kernels() is None else _binary("sub", a, b)
 
 
 def neg(a: Vec) -> Vec:
     """-a elementwise."""
-    return _ref_sub(zeros(a.shape[:-1]), a)
+    a = _structure(a)
+    return _ref_sub(zeros(a.shape[:-1]), a) if _kernels() is None else _map("neg", a)
 
 
 def mul(a: Vec, b: Vec) -> Vec:
     """a * b elementwise."""
-    return _ref_mul(a, b)
+    a, b = _structure(a), _structure(b)
+    return _ref_mul(a, b) if _kernels() is None else _binary("mul", a, b)
 
 
 def scale(a: Vec, c: int) -> Vec:
     """c * a for a public integer c (any sign)."""
-    return _ref_scale(a, c)
+    a = _structure(a)
+    return _ref_scale(a, c) if _kernels() is None else _map("scale", a, const=_const(c))
 
 
 def add_const(a: Vec, c: int) -> Vec:
     """a + c for a public integer c (any sign)."""
-    return _ref_add(a, from_int(c, a.shape[:-1]))
+    a = _structure(a)
+    if _kernels() is None:
+        return _ref_add(a, from_int(c, a.shape[:-1]))
+    return _map("add_const", a, const=_const(c))
+
+
+def _rows(x: Vec, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
+    """x as contiguous rows of the broadcast element shape ``shape`` (..., N), and its row stride.
+
+    One row broadcast over all others is not copied: its stride is 0.
+    """
+    n = shape[-1]
+    if x.shape[:-1] == shape:
+        return np.ascontiguousarray(x), n
+    if x.shape[-2] == n and x.size == 2 * n:
+        return np.ascontiguousarray(x.reshape(n, 2)), 0
+    return np.ascontiguousarray(np.broadcast_to(x, shape + (2,))), n
 
 
 def dot(a: Vec, b: Vec) -> Vec:
     """Sum over the last element axis of a * b: shape (..., N, 2) → (..., 2)."""
-    return _ref_dot(a, b)
+    a, b = _structure(a), _structure(b)
+    k = _kernels()
+    if k is None:
+        return _ref_dot(a, b)
+    if a.ndim < 2 or b.ndim < 2:
+        raise FieldError("dot needs vectors with an element axis: shape (..., N, 2)")
+    shape = np.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    ra, sa = _rows(a, shape)
+    rb, sb = _rows(b, shape)
+    out = np.empty(shape[:-1] + (2,), dtype=_U64)
+    rows = out.size // 2
+    if rows:
+        k.dot(ra.ctypes.data, rb.ctypes.data, out.ctypes.data, rows, shape[-1], sa, sb)
+    return out
 
 
 def total(a: Vec) -> Vec:
     """Sum over the last element axis: shape (..., N, 2) → (..., 2)."""
-    return _ref_sum(a)
+    a = _structure(a)
+    k = _kernels()
+    if k is None:
+        return _ref_sum(a)
+    if a.ndim < 2:
+        raise FieldError("total needs vectors with an element axis: shape (..., N, 2)")
+    a = np.ascontiguousarray(a)
+    out = np.empty(a.shape[:-2] + (2,), dtype=_U64)
+    rows = out.size // 2
+    if rows:
+        k.total(a.ctypes.data, out.ctypes.data, rows, a.shape[-2])
+    return out
 
 
 def lincomb(coeffs: Sequence[int], vecs: Sequence[Vec]) -> Vec:
-    """Σ coeffs[i] * vecs[i] for public integer coefficients (Lagrange recombination, evaluation)."""
-    if not vecs:
+    """Σ coeffs[i] * vecs[i] for public integer coefficients (Lagrange recombination, evaluation).
+
+    One pass over memory: every vector is read once, each output element
+    written once.
+    """
+    if len(vecs) == 0:
         raise FieldError("lincomb of no vectors")
-    return _ref_lincomb(coeffs, vecs)
+    vecs = [_structure(v) for v in vecs]
+    cs = [operator.index(c) % P for c in coeffs]
+    if len(cs) != len(vecs):
+        raise FieldError(f"{len(cs)} coefficients for {len(vecs)} vectors")
+    k = _kernels()
+    if k is None:
+        return _ref_lincomb(cs, vecs)
+    shape = np.broadcast_shapes(*(v.shape for v in vecs))
+    terms = [(c, v) for c, v in zip(cs, vecs, strict=True) if c]
+    if not terms:
+        return np.zeros(shape, dtype=_U64)
+    flat = [np.ascontiguousarray(v if v.shape == shape else np.broadcast_to(v, shape)) for _, v in terms]
+    ptrs = np.array([v.ctypes.data for v in flat], dtype=np.uintp)
+    coefs = np.array([[c & _MASK64, c >> 64] for c, _ in terms], dtype=_U64)
+    out = np.empty(shape, dtype=_U64)
+    n = out.size // 2
+    if n:
+        m = len(terms)
+        fn = k.lincomb_k[m - 1] if m <= len(k.lincomb_k) else k.lincomb
+        fn(ptrs.ctypes.data, coefs.ctypes.data, m, out.ctypes.data, n)
+    return out
+
+
+def _power(name: str, a: Vec, e: int) -> Vec:
+    k = _kernels()
+    a = np.ascontiguousarray(a)
+    out = np.empty(a.shape, dtype=_U64)
+    n = a.size // 2
+    if n:
+        bits = _exponent_bits(e)
+        getattr(k, name)(a.ctypes.data, out.ctypes.data, n, bits.ctypes.data, len(bits))
+    return out
 
 
 def power(a: Vec, e: int) -> Vec:
-    """a ** e elementwise for a public exponent e ≥ 0."""
+    """a ** e elementwise for a public exponent e ≥ 0 (0 ** 0 = 1)."""
+    e = operator.index(e)
     if e < 0:
         raise FieldError("negative exponent")
-    return _ref_pow(a, e)
+    a = _structure(a)
+    if _kernels() is None:
+        return _ref_pow(a, e)
+    if e == 0:
+        return from_int(1, a.shape[:-1])
+    if e >= P - 1:  # a^(p-1) = 1 for a != 0, and e stays >= 1 so that 0 ** e = 0
+        e = (e - 1) % (P - 1) + 1
+    return _power("power", a, e)
 
 
 def inverse(a: Vec) -> Vec:
-    """a^-1 elementwise (0 maps to 0: callers check for zeros where it matters)."""
-    return power(a, P - 2)
+    """a^-1 elementwise (0 maps to 0: callers check for zeros where it matters).
+
+    Montgomery's batch inversion: about three multiplications per element.
+    """
+    a = _structure(a)
+    if _kernels() is None:
+        return _ref_pow(a, P - 2)
+    return _power("inverse", a, P - 2)
 
 
 def sqrt(a: Vec) -> Vec:
@@ -245,18 +444,20 @@ def random(shape: int | tuple[int, ...], rng: Any = None) -> Vec:
 
     ``rng``: a :class:`qstore.rng.RandomSource` (its ``reserve``/``fill``), default the OS.
     """
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    n = int(np.prod(shape, dtype=np.int64))
-    buf = bytearray(n * ELEM_BYTES)
-    if n:
+    v = np.empty(_shape(shape) + (2,), dtype=_U64)
+    if v.size:
+        raw = v.reshape(-1).view(np.uint8)
         if rng is None:
-            buf[:] = os.urandom(len(buf))
+            raw[:] = np.frombuffer(os.urandom(raw.size), dtype=np.uint8)
         else:
-            rng.fill(memoryview(buf), rng.reserve(len(buf)))
-    v = np.frombuffer(buf, dtype="<u8").astype(_U64).reshape(shape + (2,))
-    v[..., 1] &= _U64((1 << 63) - 1)
-    top = (v[..., 1] == _U64((1 << 63) - 1)) & (v[..., 0] == _U64(_MASK64))
-    v[top] = 0
+            rng.fill(memoryview(raw), rng.reserve(raw.size))
+        k = _kernels()
+        if k is not None:
+            k.reduce(v.ctypes.data, v.ctypes.data, v.size // 2)
+        else:
+            v[..., 1] &= _U64(_TOP)
+            top = (v[..., 1] == _U64(_TOP)) & (v[..., 0] == _U64(_MASK64))
+            v[top] = 0
     return v
 
 
