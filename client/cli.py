@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     from client import s3_cli
 
     s3_cli.add_parsers(sub)
+    from client import stats_cli
+
+    stats_cli.add_parsers(sub)
     return parser
 
 

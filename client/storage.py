@@ -191,7 +191,9 @@ class _Node:
 
     async def call(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
                    body: object = None, data: bytes | None = None, raw: bool = False,
-                   headers: Mapping[str, str] | None = None) -> Any:
+                   headers: Mapping[str, str] | None = None,
+                   reply_headers: dict[str, str] | None = None) -> Any:
+        """The JSON answer (``raw``: the bytes); ``reply_headers`` (if given) gets the answer's headers."""
         headers = dict(headers or {})
         if body is not None:
             data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
@@ -200,6 +202,8 @@ class _Node:
                                             headers=headers) as resp:
                 payload = await resp.read()
                 status = resp.status
+                if reply_headers is not None:
+                    reply_headers.update(resp.headers)
         except (aiohttp.ClientError, OSError) as exc:
             raise NodeError(self.site, f"unreachable ({type(exc).__name__})") from None
         if status >= 300:
@@ -289,6 +293,23 @@ class QStore:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    @property
+    def nodes(self) -> list[_Node]:
+        """HTTP clients of the cluster's nodes, by x (inside ``async with``)."""
+        if self._session is None:
+            raise LocalError("use QStore inside 'async with'")
+        return self._nodes
+
+    def tables(self) -> Any:
+        """Secret-shared tables and statistics on them (:class:`client.tables.Tables`)."""
+        from client.tables import Tables
+
+        return Tables(self)
+
+    def table(self, *names: str) -> Any:
+        """A query builder over the union of tables ``names``: ``await qs.table("p").mean("w")``."""
+        return self.tables().table(*names)
 
     @property
     def sae(self) -> SAEClient:
