@@ -20,8 +20,10 @@ tests compare against; the fast paths are vectorised kernels
 
 from __future__ import annotations
 
+import ctypes
 import operator
 import os
+import struct
 from collections.abc import Iterable, Sequence
 from functools import cache, lru_cache
 from typing import Any
@@ -32,6 +34,7 @@ P = (1 << 127) - 1
 ELEM_BYTES = 16
 _MASK64 = (1 << 64) - 1
 _TOP = (1 << 63) - 1  # the high limb of p
+_BUFFER = ctypes.c_char.from_buffer
 _U64 = np.uint64
 
 Vec = np.ndarray  # uint64, shape (..., 2), reduced
@@ -143,7 +146,7 @@ def check(v: object) -> Vec:
         k = _kernels()
         if k is not None:
             c = np.ascontiguousarray(v)
-            if k.check(c.ctypes.data, c.size // 2) != c.size // 2:
+            if k.check(_addr(c), c.size // 2) != c.size // 2:
                 raise FieldError("field element out of range")
             return v
         hi = v[..., 1]
@@ -243,27 +246,33 @@ def backend() -> str:
     return "reference" if _kernels() is None else "llvm"
 
 
-def _const(c: int) -> np.ndarray:
-    return from_int(operator.index(c))
+def _addr(a: np.ndarray) -> int:
+    """Address of a C-contiguous, non-empty array (cheaper than ``a.ctypes.data`` where it is writable)."""
+    try:
+        return ctypes.addressof(_BUFFER(a))
+    except TypeError:  # read-only memory (np.frombuffer of bytes)
+        return a.ctypes.data
+
+
+def _element(c: int) -> bytes:
+    """One field element in memory form, for the kernels' constant arguments."""
+    return (operator.index(c) % P).to_bytes(ELEM_BYTES, "little")
 
 
 @lru_cache(maxsize=64)
-def _exponent_bits(e: int) -> np.ndarray:
+def _exponent_bits(e: int) -> bytes:
     """The bits of e > 0, most significant first, one byte each (the power kernels' form)."""
-    bits = np.frombuffer(bin(e)[2:].encode(), dtype=np.uint8) - np.uint8(ord("0"))
-    bits.setflags(write=False)
-    return bits
+    return bytes(int(b) for b in bin(e)[2:])
 
 
-def _map(name: str, a: Vec, b: Vec | None = None, const: np.ndarray | None = None) -> Vec:
-    """Run an elementwise kernel over contiguous copies of its inputs into a new array."""
-    k = _kernels()
+def _map(name: str, a: Vec, second: Vec | bytes | None = None) -> Vec:
+    """An elementwise kernel over a contiguous copy of ``a`` (and of a second vector, or a constant)."""
     a = np.ascontiguousarray(a)
     out = np.empty(a.shape, dtype=_U64)
     n = a.size // 2
     if n:
-        second = [] if b is None and const is None else [(const if const is not None else b).ctypes.data]
-        getattr(k, name)(a.ctypes.data, *second, out.ctypes.data, n)
+        args = [] if second is None else [second if isinstance(second, bytes) else _addr(second)]
+        getattr(_kernels(), name)(_addr(a), *args, _addr(out), n)
     return out
 
 
@@ -271,13 +280,15 @@ def _binary(name: str, a: Vec, b: Vec) -> Vec:
     """a op b with numpy broadcasting; a single element on one side uses the constant kernels."""
     if a.shape != b.shape:
         shape = np.broadcast_shapes(a.shape, b.shape)
-        if b.size == 2 and a.shape == shape and name != "sub":
-            return _map("add_const" if name == "add" else "scale", a, const=np.ascontiguousarray(b))
+        with_const = {"add": "add_const", "mul": "scale", "sub": "add_const"}[name]
+        if b.size == 2 and a.shape == shape:
+            c = b.reshape(2)
+            value = int(c[0]) | int(c[1]) << 64
+            return _map(with_const, a, _element(-value if name == "sub" else value))
         if a.size == 2 and b.shape == shape and name != "sub":
-            return _map("add_const" if name == "add" else "scale", b, const=np.ascontiguousarray(a))
-        if b.size == 2 and a.shape == shape:  # a - c = a + (p - c)
-            return _map("add_const", a, const=_map("neg", b))
-        a, b = np.broadcast_to(a, shape), np.ascontiguousarray(np.broadcast_to(b, shape))
+            c = a.reshape(2)
+            return _map(with_const, b, _element(int(c[0]) | int(c[1]) << 64))
+        a, b = np.broadcast_to(a, shape), np.broadcast_to(b, shape)
     return _map(name, a, np.ascontiguousarray(b))
 
 
@@ -308,7 +319,7 @@ def mul(a: Vec, b: Vec) -> Vec:
 def scale(a: Vec, c: int) -> Vec:
     """c * a for a public integer c (any sign)."""
     a = _structure(a)
-    return _ref_scale(a, c) if _kernels() is None else _map("scale", a, const=_const(c))
+    return _ref_scale(a, c) if _kernels() is None else _map("scale", a, _element(c))
 
 
 def add_const(a: Vec, c: int) -> Vec:
@@ -316,7 +327,7 @@ def add_const(a: Vec, c: int) -> Vec:
     a = _structure(a)
     if _kernels() is None:
         return _ref_add(a, from_int(c, a.shape[:-1]))
-    return _map("add_const", a, const=_const(c))
+    return _map("add_const", a, _element(c))
 
 
 def _rows(x: Vec, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
@@ -346,7 +357,8 @@ def dot(a: Vec, b: Vec) -> Vec:
     out = np.empty(shape[:-1] + (2,), dtype=_U64)
     rows = out.size // 2
     if rows:
-        k.dot(ra.ctypes.data, rb.ctypes.data, out.ctypes.data, rows, shape[-1], sa, sb)
+        n = shape[-1]
+        k.dot(_addr(ra) if n else 0, _addr(rb) if n else 0, _addr(out), rows, n, sa, sb)
     return out
 
 
@@ -362,7 +374,8 @@ def total(a: Vec) -> Vec:
     out = np.empty(a.shape[:-2] + (2,), dtype=_U64)
     rows = out.size // 2
     if rows:
-        k.total(a.ctypes.data, out.ctypes.data, rows, a.shape[-2])
+        n = a.shape[-2]
+        k.total(_addr(a) if n else 0, _addr(out), rows, n)
     return out
 
 
@@ -381,19 +394,21 @@ def lincomb(coeffs: Sequence[int], vecs: Sequence[Vec]) -> Vec:
     k = _kernels()
     if k is None:
         return _ref_lincomb(cs, vecs)
-    shape = np.broadcast_shapes(*(v.shape for v in vecs))
+    shape = vecs[0].shape
+    if any(v.shape != shape for v in vecs):
+        shape = np.broadcast_shapes(*(v.shape for v in vecs))
     terms = [(c, v) for c, v in zip(cs, vecs, strict=True) if c]
     if not terms:
         return np.zeros(shape, dtype=_U64)
     flat = [np.ascontiguousarray(v if v.shape == shape else np.broadcast_to(v, shape)) for _, v in terms]
-    ptrs = np.array([v.ctypes.data for v in flat], dtype=np.uintp)
-    coefs = np.array([[c & _MASK64, c >> 64] for c, _ in terms], dtype=_U64)
     out = np.empty(shape, dtype=_U64)
     n = out.size // 2
     if n:
         m = len(terms)
+        ptrs = struct.pack(f"<{m}Q", *(_addr(v) for v in flat))
+        coefs = b"".join(c.to_bytes(ELEM_BYTES, "little") for c, _ in terms)
         fn = k.lincomb_k[m - 1] if m <= len(k.lincomb_k) else k.lincomb
-        fn(ptrs.ctypes.data, coefs.ctypes.data, m, out.ctypes.data, n)
+        fn(ptrs, coefs, m, _addr(out), n)
     return out
 
 
@@ -404,7 +419,7 @@ def _power(name: str, a: Vec, e: int) -> Vec:
     n = a.size // 2
     if n:
         bits = _exponent_bits(e)
-        getattr(k, name)(a.ctypes.data, out.ctypes.data, n, bits.ctypes.data, len(bits))
+        getattr(k, name)(_addr(a), _addr(out), n, bits, len(bits))
     return out
 
 
@@ -453,7 +468,7 @@ def random(shape: int | tuple[int, ...], rng: Any = None) -> Vec:
             rng.fill(memoryview(raw), rng.reserve(raw.size))
         k = _kernels()
         if k is not None:
-            k.reduce(v.ctypes.data, v.ctypes.data, v.size // 2)
+            k.reduce(_addr(v), _addr(v), v.size // 2)
         else:
             v[..., 1] &= _U64(_TOP)
             top = (v[..., 1] == _U64(_TOP)) & (v[..., 0] == _U64(_MASK64))

@@ -444,5 +444,7 @@ def test_numpy_setting_never_loads_llvmlite():
         "assert 'llvmlite' not in sys.modules\n"
     )
     env = {**os.environ, "QSTORE_KERNEL": "numpy"}
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                       timeout=60)
     assert p.returncode == 0, p.stderr
