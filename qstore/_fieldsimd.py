@@ -1,23 +1,27 @@
 """Machine-code kernels for F_p, p = 2^127 - 1, generated as LLVM IR.
 
 An element is one ``i128`` (the two little-endian uint64 limbs of a field
-vector, loaded as one integer). Products are computed from four 64 x 64-bit
-multiplications and reduced with the Mersenne identity 2^127 = 1 (mod p):
+vector, loaded as one integer). Reduction uses the Mersenne identities
+2^127 = 1 and so 2^128 = 2 (mod p):
 
-* ``a * b = lo + 2^128 hi`` with ``lo < 2^128`` and ``hi < 2^126`` (a, b < 2^127);
-* then ``a * b = (lo & p) + (2 hi + (lo >> 127))`` (mod p), a sum of two values
-  below 2^127, so at most 2p, and one branch-free conditional subtraction
-  ``(s + ((s + 1) >> 127)) & p`` makes it canonical.
+* a product: with a = a0 + 2^64 a1 and d = b0 2^64 + 2 b1 (= 2^64 b mod p),
+  a * b = a0 * b + a1 * d (mod p), two 64 x 128-bit products each below
+  2^191 (a1, b1 < 2^63): four 64 x 64 -> 128-bit multiplications, three
+  when squaring, summed to w < 2^192;
+* w mod p: one fold ``(w & p) + (w >> 127)`` leaves s < 2^127 + 2^65 < 2p,
+  and one branch-free conditional subtraction ``(s + ((s + 1) >> 127)) & p``
+  makes it canonical.
 
-Sums of products (``dot``, ``lincomb``) and ``total`` keep ``lo`` and ``hi``
-in two 128-bit accumulators with a 64-bit count of their carries each, so
-the exact sum is ``LO + 2^128 cL + 2^128 (HI + 2^128 cH)``: no overflow for
-fewer than 2^64 terms (numpy arrays hold fewer than 2^63). It is reduced
-once per output with 2^128 = 2 and 2^256 = 4 (mod p). ``power`` runs the
-square-and-multiply loop inside the kernel on several elements at once
-(independent dependency chains keep the multiplier busy); ``inverse`` is
-Montgomery's batch inversion (three multiplications per element and one
-exponentiation per lane).
+Sums of products (``dot``, ``lincomb``) and ``total`` add the unreduced
+terms (each below 2^192) in one i256 accumulator: fewer than 2^63 terms
+(numpy's limit) stay below 2^255, so nothing can overflow, and each output
+is reduced once (two folds, then the subtraction). ``lincomb`` with
+coefficients of at most 64 bits and a sign (Shamir evaluation at small x,
+Lagrange coefficients of consecutive x) takes half the multiplications.
+``power`` runs the square-and-multiply loop inside the kernel on several
+elements at once (independent dependency chains keep the multiplier busy);
+``inverse`` is Montgomery's batch inversion (three multiplications per
+element and one exponentiation per lane).
 
 Every kernel accepts inputs below 2^127 (so the unreduced zero p too) and
 writes canonical results (< p); bit 127 set gives unspecified output.
@@ -63,6 +67,8 @@ class Kernels:
     to 0, in place allowed); ``dot(a, b, out, rows, n, astride, bstride)``: row r of a starts at
     element ``r * astride`` (0 repeats one row); ``total(a, out, rows, n)``;
     ``lincomb(ptrs, coefs, k, out, n)``: ``ptrs`` k addresses, ``coefs`` k elements;
+    ``slincomb``: the same with each coefficient as magnitude < 2^64 (low limb) and sign (high
+    limb, nonzero for negative); ``lincomb_k[k - 1]``/``slincomb_k[k - 1]``: for exactly k vectors;
     ``power``/``inverse(a, out, n, bits, nbits)``: exponent bits as bytes, most significant
     first (``bits[0]`` = 1; ``inverse`` wants those of p - 2); ``check(a, n)``.
     """
@@ -80,7 +86,9 @@ class Kernels:
     power: Callable[..., None]
     inverse: Callable[..., None]
     check: Callable[..., int]
+    slincomb: Callable[..., None]
     lincomb_k: tuple[Callable[..., None], ...]  # lincomb_k[k - 1]: lincomb of exactly k vectors
+    slincomb_k: tuple[Callable[..., None], ...]
 
 
 # --- IR pieces -----------------------------------------------------------------
@@ -171,13 +179,15 @@ def _product(e: _Emitter, a: str, b: str) -> str:
     else:
         r, s = e(f"mul i128 {a1}, {e(f'shl i128 {b1}, 1')}"), e(f"mul i128 {a1}, {b0}")
 
-    def wide(lo: str, hi: str) -> str:  # lo + 2^64 hi, hi < 2^127
-        top = e(f"add i128 {hi}, {e(f'lshr i128 {lo}, 64')}")
-        low = e(f"zext i64 {e(f'trunc i128 {lo} to i64')} to i256")
-        high = e(f"shl i256 {e(f'zext i128 {top} to i256')}, 64")
-        return e(f"or disjoint i256 {low}, {high}")
+    return e(f"add i256 {_wide(e, p, q)}, {_wide(e, r, s)}")
 
-    return e(f"add i256 {wide(p, q)}, {wide(r, s)}")
+
+def _wide(e: _Emitter, lo: str, hi: str) -> str:
+    """lo + 2^64 hi as an i256, for 128-bit lo and hi < 2^127 (so the sum is below 2^192)."""
+    top = e(f"add i128 {hi}, {e(f'lshr i128 {lo}, 64')}")
+    low = e(f"zext i64 {e(f'trunc i128 {lo} to i64')} to i256")
+    high = e(f"shl i256 {e(f'zext i128 {top} to i256')}, 64")
+    return e(f"or disjoint i256 {low}, {high}")
 
 
 def _fold(e: _Emitter, x: str) -> str:
@@ -278,33 +288,61 @@ def _sums_ir(name: str, products: bool) -> str:
     return e.text()
 
 
-def _lincomb_ir(k: int | None = None) -> str:
+def _coefficient(e: _Emitter, c: str, small: bool) -> tuple[str, ...]:
+    """A loaded coefficient as its term needs it: (c,), or for ``small`` (sign mask, magnitude).
+
+    Small coefficients are stored as magnitude (low 64 bits) and sign (high
+    64 bits nonzero for negative); the sign mask is p or 0.
+    """
+    if not small:
+        return (c,)
+    negative = e(f"icmp ne i128 {e(f'lshr i128 {c}, 64')}, 0")
+    mask = e(f"select i1 {negative}, i128 {P}, i128 0")
+    return mask, e(f"and i128 {c}, {(1 << 64) - 1}")
+
+
+def _term(e: _Emitter, x: str, coef: tuple[str, ...]) -> str:
+    """An i256 below 2^192 congruent to c * x.
+
+    Small: -|c| x = |c| (p - x), and p - x = p XOR x for x <= p; then |c| < 2^64
+    makes it two 64 x 64-bit products.
+    """
+    if len(coef) == 1:
+        return _product(e, x, coef[0])
+    mask, mag = coef
+    x0, x1 = _limbs(e, e(f"xor i128 {x}, {mask}"))
+    return _wide(e, e(f"mul i128 {x0}, {mag}"), e(f"mul i128 {x1}, {mag}"))
+
+
+def _lincomb_ir(k: int | None = None, small: bool = False) -> str:
     """out[i] = sum_j coefs[j] * ptrs[j][i], every vector read once, reduced once per element.
 
-    ``k`` given: the kernel ``lincomb<k>`` for exactly k vectors, unrolled,
-    addresses and coefficients loaded once; else ``lincomb`` loops over %k.
-    The sum of products stays below 2^192 * k < 2^256.
+    ``k`` given: the kernel for exactly k vectors, unrolled, addresses and
+    coefficients loaded once; else it loops over %k. ``small``: coefficients
+    of at most 64 bits and a sign (:func:`_coefficient`), half the
+    multiplications. Each term is below 2^192, so the sum stays below 2^256.
     """
     e = _Emitter()
-    e.line(f"define void @lincomb{k or ''}(ptr noalias %ptrs, ptr noalias %coefs, i64 %k, ptr noalias %out, "
-           "i64 %n) {")
+    name = f"{'s' if small else ''}lincomb{k or ''}"
+    e.line(f"define void @{name}(ptr noalias %ptrs, ptr noalias %coefs, i64 %k, ptr noalias %out, i64 %n) {{")
     e.label("entry")
     if k is not None:
         ptrs = [e(f"load ptr, ptr {e(f'getelementptr ptr, ptr %ptrs, i64 {j}')}, align 8") for j in range(k)]
-        coefs = [_load(e, "%coefs", str(j)) for j in range(k)]
+        coefs = [_coefficient(e, _load(e, "%coefs", str(j)), small) for j in range(k)]
     _guard(e, e("icmp sgt i64 %n, 0"), "el", "exit")
     if k is not None:
         i = _loop_head(e, "el", "entry", "0")
         acc = "0"
         for vp, c in zip(ptrs, coefs, strict=True):
-            acc = e(f"add i256 {acc}, {_product(e, _load(e, vp, i), c)}")
+            acc = e(f"add i256 {acc}, {_term(e, _load(e, vp, i), c)}")
     else:
         i = _loop_head(e, "el", "entry", "0", "elend")
         e.line("  br label %vec")
         j = _loop_head(e, "vec", "el", "0")
         e("phi i256 [0, %el], [%acc.n, %vec]", "%acc")
         vp = e(f"load ptr, ptr {e(f'getelementptr ptr, ptr %ptrs, i64 {j}')}, align 8")
-        e(f"add i256 %acc, {_product(e, _load(e, vp, i), _load(e, '%coefs', j))}", "%acc.n")
+        coef = _coefficient(e, _load(e, "%coefs", j), small)
+        e(f"add i256 %acc, {_term(e, _load(e, vp, i), coef)}", "%acc.n")
         _loop_tail(e, "vec", "%k", "elend")
         e.label("elend")
         acc = "%acc.n"
@@ -449,8 +487,7 @@ def module_ir(lanes: int = LANES) -> str:
         _map_ir("reduce", _reduce127, 1, alias=True),
         _sums_ir("dot", products=True),
         _sums_ir("total", products=False),
-        _lincomb_ir(),
-        *(_lincomb_ir(k) for k in range(1, UNROLLED + 1)),
+        *(_lincomb_ir(k, small) for small in (False, True) for k in (None, *range(1, UNROLLED + 1))),
         _lanes_ir("power", _power_section, lanes),
         _lanes_ir("inverse", _inverse_section, lanes),
         _check_ir(),
@@ -460,7 +497,7 @@ def module_ir(lanes: int = LANES) -> str:
 _SIGNATURES = {
     "add": "binary", "sub": "binary", "mul": "binary", "add_const": "binary", "scale": "binary",
     "neg": "unary", "reduce": "unary", "dot": "dot", "total": "total", "lincomb": "lincomb",
-    "power": "power", "inverse": "power", "check": "check",
+    "power": "power", "inverse": "power", "check": "check", "slincomb": "lincomb",
 }
 
 
@@ -481,5 +518,9 @@ def compile_kernels(lanes: int = LANES) -> Kernels:
     engine.finalize_object()
     _ENGINES.append(engine)
     fns = {name: _PROTOS[sig](engine.get_function_address(name)) for name, sig in _SIGNATURES.items()}
-    fixed = [engine.get_function_address(f"lincomb{k}") for k in range(1, UNROLLED + 1)]
-    return Kernels(**fns, lincomb_k=tuple(_PROTOS["lincomb"](addr) for addr in fixed))
+    proto = _PROTOS["lincomb"]
+    fixed = {
+        f"{name}_k": tuple(proto(engine.get_function_address(f"{name}{k}")) for k in range(1, UNROLLED + 1))
+        for name in ("lincomb", "slincomb")
+    }
+    return Kernels(**fns, **fixed)

@@ -406,9 +406,14 @@ def lincomb(coeffs: Sequence[int], vecs: Sequence[Vec]) -> Vec:
     if n:
         m = len(terms)
         ptrs = struct.pack(f"<{m}Q", *(_addr(v) for v in flat))
-        coefs = b"".join(c.to_bytes(ELEM_BYTES, "little") for c, _ in terms)
-        fn = k.lincomb_k[m - 1] if m <= len(k.lincomb_k) else k.lincomb
-        fn(ptrs, coefs, m, _addr(out), n)
+        signed = [c if c <= _MASK64 else c - P for c, _ in terms]  # |c| < 2^64 with a sign where it fits
+        if all(c >= -_MASK64 for c in signed):
+            coefs = struct.pack(f"<{2 * m}Q", *(x for c in signed for x in (abs(c), c < 0)))
+            fixed, loop = k.slincomb_k, k.slincomb
+        else:
+            coefs = b"".join(c.to_bytes(ELEM_BYTES, "little") for c, _ in terms)
+            fixed, loop = k.lincomb_k, k.lincomb
+        (fixed[m - 1] if m <= len(fixed) else loop)(ptrs, coefs, m, _addr(out), n)
     return out
 
 

@@ -80,6 +80,8 @@ def test_unreduced_zero_input_reads_as_zero(op):
     b = vec([3, 0, P - 1, 2**64, 7])
     got = getattr(field, op)(a, b)
     assert np.array_equal(got, getattr(field, f"_ref_{op}")(a, b))
+    assert np.array_equal(field.lincomb([2**64 - 1, -5], [a, b]), field._ref_lincomb([2**64 - 1, -5], [a, b]))
+    assert np.array_equal(field.lincomb([2**100, -5], [a, b]), field._ref_lincomb([2**100, -5], [a, b]))
     assert np.array_equal(field.power(a, 3), field.zeros(5))
     assert np.array_equal(field.inverse(a), field.zeros(5))
 
@@ -197,10 +199,17 @@ def test_lincomb(path, k):
         assert np.array_equal(field.lincomb(cs, vecs), field._ref_lincomb(cs, vecs))
 
 
+SMALL_BORDERS = [2**64 - 1, 2**64, P - 2**64 + 1, P - 2**64, -(2**64) + 1, -(2**64)]  # 64-bit kernel or not
+
+
 def test_lincomb_edges(path):
     a, b = pairs()
-    for cs in itertools.product([0, 1, P - 1, 2**64, 2**126], repeat=2):
+    for cs in itertools.product([0, 1, P - 1, 2**126, *SMALL_BORDERS], repeat=2):
         assert np.array_equal(field.lincomb(list(cs), [a, b]), field._ref_lincomb(list(cs), [a, b]))
+    for k in (3, 9):
+        for c in SMALL_BORDERS:
+            cs = [c, -3] + [5] * (k - 2)
+            assert np.array_equal(field.lincomb(cs, [a] * k), field._ref_lincomb(cs, [a] * k))
     row, col = rand(5), rand(4, 1)
     assert np.array_equal(field.lincomb([2, 3], [row, col]), field._ref_lincomb([2, 3], [row, col]))
     stacked = rand(3, 6)
