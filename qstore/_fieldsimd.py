@@ -52,7 +52,8 @@ _PROTOS = {
     "dot": ctypes.CFUNCTYPE(None, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64),  # (a, b, out, rows, n, as, bs)
     "total": ctypes.CFUNCTYPE(None, _ptr, _ptr, _i64, _i64),  # (a, out, rows, n)
     "lincomb": ctypes.CFUNCTYPE(None, _ptr, _ptr, _i64, _ptr, _i64),  # (ptrs, coefs, k, out, n)
-    "power": ctypes.CFUNCTYPE(None, _ptr, _ptr, _i64, _ptr, _i64),  # (a, out, n, bits, nbits)
+    "power": ctypes.CFUNCTYPE(None, _ptr, _ptr, _ptr, _i64, _ptr, _i64),  # (a, 1/a, out, n, digits, ndigits)
+    "inverse": ctypes.CFUNCTYPE(None, _ptr, _ptr, _i64, _ptr, _i64),  # (a, out, n, bits, nbits)
     "check": ctypes.CFUNCTYPE(_i64, _ptr, _i64),  # (a, n) -> index of the first element >= p, or n
 }
 _ENGINES: list[object] = []  # compiled code lives as long as its engine
@@ -69,8 +70,9 @@ class Kernels:
     ``lincomb(ptrs, coefs, k, out, n)``: ``ptrs`` k addresses, ``coefs`` k elements;
     ``slincomb``: the same with each coefficient as magnitude < 2^64 (low limb) and sign (high
     limb, nonzero for negative); ``lincomb_k[k - 1]``/``slincomb_k[k - 1]``: for exactly k vectors;
-    ``power``/``inverse(a, out, n, bits, nbits)``: exponent bits as bytes, most significant
-    first (``bits[0]`` = 1; ``inverse`` wants those of p - 2); ``check(a, n)``.
+    ``power(a, b, out, n, digits, ndigits)``: exponent digits as bytes, most significant first,
+    ``digits[0]`` = 1, each 0, 1 or 2 for -1 (then b holds a^-1, else b may be a);
+    ``inverse(a, out, n, bits, nbits)``: the bits of p - 2 as digits; ``check(a, n)``.
     """
 
     add: Callable[..., None]
@@ -353,10 +355,14 @@ def _lincomb_ir(k: int | None = None, small: bool = False) -> str:
     return e.text()
 
 
-def _pow_loop(e: _Emitter, xs: Sequence[str], sfx: str, cur: str) -> tuple[list[str], str]:
-    """x ** e for each x in ``xs`` (left to right over %bits[1:%nbits]); closes block ``cur``.
+def _pow_loop(e: _Emitter, xs: Sequence[str], sfx: str, cur: str,
+              inverses: Sequence[str] | None = None) -> tuple[list[str], str]:
+    """x ** e for each x in ``xs``, left to right over the digits %bits[1:%nbits]; closes block ``cur``.
 
-    Returns the results and the label of the (open) block where they are defined.
+    A digit is 0 (square), 1 (square, multiply by x) or, with ``inverses``
+    (x^-1 for each x), 2 for -1 (square, multiply by x^-1): the non-adjacent
+    form, which needs a third fewer multiplications than binary. Returns the
+    results and the label of the (open) block where they are defined.
     """
     sq, mb, join, end = f"sq{sfx}", f"mb{sfx}", f"join{sfx}", f"pend{sfx}"
     _guard(e, e("icmp sgt i64 %nbits, 1"), sq, end)
@@ -367,7 +373,12 @@ def _pow_loop(e: _Emitter, xs: Sequence[str], sfx: str, cur: str) -> tuple[list[
     bit = e(f"load i8, ptr {e(f'getelementptr i8, ptr %bits, i64 {bi}')}, align 1")
     _guard(e, e(f"icmp ne i8 {bit}, 0"), mb, join)
     e.label(mb)
-    zs = [_mul(e, y, x) for y, x in zip(ys, xs, strict=True)]
+    if inverses is None:
+        factors = list(xs)
+    else:
+        negative = e(f"icmp eq i8 {bit}, 2")
+        factors = [e(f"select i1 {negative}, i128 {v}, i128 {x}") for x, v in zip(xs, inverses, strict=True)]
+    zs = [_mul(e, y, f) for y, f in zip(ys, factors, strict=True)]
     e.line(f"  br label %{join}")
     e.label(join)
     for j, (y, z) in enumerate(zip(ys, zs, strict=True)):
@@ -380,13 +391,16 @@ def _pow_loop(e: _Emitter, xs: Sequence[str], sfx: str, cur: str) -> tuple[list[
 
 
 def _power_section(e: _Emitter, lanes: int, sfx: str, start: str, end: str, after: str) -> None:
-    """out[i] = a[i] ** e for i in [start, end), ``lanes`` at a time; the caller has branched to blk<sfx>."""
+    """out[i] = a[i] ** e for i in [start, end), ``lanes`` at a time (b[i] = a[i]^-1 for digits -1).
+
+    The caller has branched to blk<sfx>.
+    """
     blk = f"blk{sfx}"
     e.label(blk)
     g = e(f"phi i64 [{start}, %pre{sfx}], [%{blk}.next, %pend{sfx}]", f"%{blk}.i")
     idx = [e(f"add i64 {g}, {j}") for j in range(lanes)]
     xs = [_load(e, "%a", i) for i in idx]
-    outs, _ = _pow_loop(e, xs, sfx, blk)
+    outs, _ = _pow_loop(e, xs, sfx, blk, [_load(e, "%b", i) for i in idx])
     for x, i in zip(outs, idx, strict=True):
         _store(e, _canon(e, x), "%out", i)
     e(f"add nuw nsw i64 {g}, {lanes}", f"%{blk}.next")
@@ -440,7 +454,9 @@ def _inverse_section(e: _Emitter, lanes: int, sfx: str, start: str, end: str, af
 def _lanes_ir(name: str, section: Callable[..., None], lanes: int) -> str:
     """``section`` over [0, m) with ``lanes`` lanes and the n - m left over one at a time."""
     e = _Emitter()
-    e.line(f"define void @{name}(ptr noalias %a, ptr noalias %out, i64 %n, ptr noalias %bits, i64 %nbits) {{")
+    params = ["ptr noalias %a"] + (["ptr noalias %b"] if section is _power_section else [])
+    params += ["ptr noalias %out", "i64 %n", "ptr noalias %bits", "i64 %nbits"]
+    e.line(f"define void @{name}({', '.join(params)}) {{")
     e.label("entry")
     m = e(f"sub i64 %n, {e(f'urem i64 %n, {lanes}')}", "%m")
     _guard(e, e(f"icmp sgt i64 {m}, 0"), "preL", "tail")
@@ -497,7 +513,7 @@ def module_ir(lanes: int = LANES) -> str:
 _SIGNATURES = {
     "add": "binary", "sub": "binary", "mul": "binary", "add_const": "binary", "scale": "binary",
     "neg": "unary", "reduce": "unary", "dot": "dot", "total": "total", "lincomb": "lincomb",
-    "power": "power", "inverse": "power", "check": "check", "slincomb": "lincomb",
+    "power": "power", "inverse": "inverse", "check": "check", "slincomb": "lincomb",
 }
 
 

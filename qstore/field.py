@@ -261,8 +261,29 @@ def _element(c: int) -> bytes:
 
 @lru_cache(maxsize=64)
 def _exponent_bits(e: int) -> bytes:
-    """The bits of e > 0, most significant first, one byte each (the power kernels' form)."""
+    """The bits of e > 0, most significant first, one byte each (the power kernels' digits)."""
     return bytes(int(b) for b in bin(e)[2:])
+
+
+@lru_cache(maxsize=64)
+def _exponent_digits(e: int) -> tuple[bytes, bool]:
+    """Digits of e > 0 for the power kernel, and whether they need a^-1.
+
+    The non-adjacent form (digits 0, 1, -1 as 2; no two adjacent nonzero)
+    when it saves more multiplications than the batch inverse costs: the
+    inverse square root's (p - 3) / 4 = 2^125 - 1 takes one multiplication
+    instead of 124. Else binary.
+    """
+    naf = []
+    x = e
+    while x:
+        d = (2 - (x & 3)) if x & 1 else 0  # 1 when x = 1 (mod 4), -1 when x = 3 (mod 4)
+        naf.append(d)
+        x = (x - d) >> 1
+    saved = (e.bit_count() - 1) - (sum(1 for d in naf if d) - 1)
+    if saved < 8:
+        return _exponent_bits(e), False
+    return bytes(2 if d < 0 else d for d in reversed(naf)), True
 
 
 def _map(name: str, a: Vec, second: Vec | bytes | None = None) -> Vec:
@@ -417,14 +438,24 @@ def lincomb(coeffs: Sequence[int], vecs: Sequence[Vec]) -> Vec:
     return out
 
 
-def _power(name: str, a: Vec, e: int) -> Vec:
-    k = _kernels()
+def _power(a: Vec, e: int) -> Vec:
     a = np.ascontiguousarray(a)
     out = np.empty(a.shape, dtype=_U64)
     n = a.size // 2
     if n:
-        bits = _exponent_bits(e)
-        getattr(k, name)(_addr(a), _addr(out), n, bits, len(bits))
+        digits, signed = _exponent_digits(e)
+        b = _inverse(a) if signed else a
+        _kernels().power(_addr(a), _addr(b), _addr(out), n, digits, len(digits))
+    return out
+
+
+def _inverse(a: Vec) -> Vec:
+    a = np.ascontiguousarray(a)
+    out = np.empty(a.shape, dtype=_U64)
+    n = a.size // 2
+    if n:
+        bits = _exponent_bits(P - 2)
+        _kernels().inverse(_addr(a), _addr(out), n, bits, len(bits))
     return out
 
 
@@ -440,7 +471,7 @@ def power(a: Vec, e: int) -> Vec:
         return from_int(1, a.shape[:-1])
     if e >= P - 1:  # a^(p-1) = 1 for a != 0, and e stays >= 1 so that 0 ** e = 0
         e = (e - 1) % (P - 1) + 1
-    return _power("power", a, e)
+    return _power(a, e)
 
 
 def inverse(a: Vec) -> Vec:
@@ -451,7 +482,7 @@ def inverse(a: Vec) -> Vec:
     a = _structure(a)
     if _kernels() is None:
         return _ref_pow(a, P - 2)
-    return _power("inverse", a, P - 2)
+    return _inverse(a)
 
 
 def sqrt(a: Vec) -> Vec:

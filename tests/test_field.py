@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from scipy import stats
 
 from qstore import _fieldsimd, field
 from qstore.field import FieldError, P
@@ -83,6 +82,7 @@ def test_unreduced_zero_input_reads_as_zero(op):
     assert np.array_equal(field.lincomb([2**64 - 1, -5], [a, b]), field._ref_lincomb([2**64 - 1, -5], [a, b]))
     assert np.array_equal(field.lincomb([2**100, -5], [a, b]), field._ref_lincomb([2**100, -5], [a, b]))
     assert np.array_equal(field.power(a, 3), field.zeros(5))
+    assert np.array_equal(field.power(a, (P - 3) // 4), field.zeros(5))
     assert np.array_equal(field.inverse(a), field.zeros(5))
 
 
@@ -223,7 +223,8 @@ def test_lincomb_edges(path):
 # ---------------------------------------------------------------- powers
 
 
-EXPONENTS = [0, 1, 2, 3, 5, 65537, (P + 1) // 4, P - 2, P - 1, P, 2 * P - 1, 3 * P + 10, 2**300 + 1]
+EXPONENTS = [0, 1, 2, 3, 5, 7, 65537, (P + 1) // 4, (P - 3) // 4, P - 2, P - 1, P, 2 * P - 1, 3 * P + 10,
+             2**300 + 1, 2**126 - 1, 0b1011011101111 << 60]
 
 
 @pytest.mark.parametrize("e", EXPONENTS)
@@ -253,6 +254,15 @@ def test_sqrt_of_squares(path):
     r = field.sqrt(sq)
     assert np.array_equal(field.mul(r, r), sq)
     assert all(y in (v, -v % P) for y, v in zip(ints(r), ints(x), strict=True))
+
+
+@given(st.integers(1, 2**130))
+def test_exponent_digits_spell_the_exponent(e):
+    digits, signed = field._exponent_digits(e)
+    value = 0
+    for d in digits:
+        value = 2 * value + {0: 0, 1: 1, 2: -1}[d]
+    assert value == e and digits[0] == 1 and (signed or 2 not in digits)
 
 
 def test_power_rejects_bad_exponents():
@@ -382,6 +392,8 @@ def test_from_bytes_lengths_and_shapes():
 
 
 def test_random_is_reduced_and_uniform(path):
+    from scipy import stats  # heavy import, only here
+
     v = field.random(200_000)
     assert np.array_equal(field.check(v), v)
     low = np.bincount((v[:, 0] & np.uint64(0xFF)).astype(np.intp), minlength=256)
