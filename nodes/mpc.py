@@ -145,6 +145,17 @@ class RunStats:
     seconds: float = 0.0
 
 
+def _step(protocol: Generator[Any, Any, Any], received: Any) -> tuple[bool, Any]:
+    """One step of the protocol: (False, its next Exchange) or (True, its result).
+
+    StopIteration cannot cross a thread into a Future, hence the flag.
+    """
+    try:
+        return False, protocol.send(received)
+    except StopIteration as stop:
+        return True, stop.value
+
+
 async def drive(protocol: Generator[Any, Any, Any], *, query_id: str, me: int, peers: list[int],
                 send: Send, mailbox: Mailbox, names: dict[int, str], round_timeout_s: float,
                 max_elements: int, stats: RunStats) -> Any:
@@ -156,10 +167,9 @@ async def drive(protocol: Generator[Any, Any, Any], *, query_id: str, me: int, p
     round_ = 0
     try:
         while True:
-            try:
-                exchange = await asyncio.to_thread(protocol.send, received)
-            except StopIteration as stop:
-                return stop.value
+            done, exchange = await asyncio.to_thread(_step, protocol, received)
+            if done:
+                return exchange
             targets = set(exchange.out)
             if targets != set(peers):
                 raise QueryFailed(f"protocol round {round_} addresses {sorted(targets)}, "
