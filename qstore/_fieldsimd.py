@@ -85,12 +85,12 @@ class Kernels:
     dot: Callable[..., None]
     total: Callable[..., None]
     lincomb: Callable[..., None]
-    power: Callable[..., None]
-    inverse: Callable[..., None]
-    check: Callable[..., int]
     slincomb: Callable[..., None]
     lincomb_k: tuple[Callable[..., None], ...]  # lincomb_k[k - 1]: lincomb of exactly k vectors
     slincomb_k: tuple[Callable[..., None], ...]
+    power: Callable[..., None]
+    inverse: Callable[..., None]
+    check: Callable[..., int]
 
 
 # --- IR pieces -----------------------------------------------------------------
@@ -168,8 +168,6 @@ def _product(e: _Emitter, a: str, b: str) -> str:
     With 2^128 = 2 (mod p), b * 2^64 = b0 2^64 + 2 b1 =: d, so
     a * b = a0 * b + a1 * d: each a 64 x 128-bit product below 2^191 (a1, b1
     < 2^63), from two 64 x 64 -> 128-bit multiplications; three when squaring.
-    Each is put together as ``lo64 | (top << 64)`` (disjoint bits, so LLVM
-    keeps it as one 192-bit value instead of re-associating the partial sums).
     """
     a0, a1 = _limbs(e, a)
     square = b == a
@@ -180,16 +178,19 @@ def _product(e: _Emitter, a: str, b: str) -> str:
         r, s = e(f"shl i128 {e(f'mul i128 {a1}, {a1}')}, 1"), q
     else:
         r, s = e(f"mul i128 {a1}, {e(f'shl i128 {b1}, 1')}"), e(f"mul i128 {a1}, {b0}")
-
     return e(f"add i256 {_wide(e, p, q)}, {_wide(e, r, s)}")
 
 
 def _wide(e: _Emitter, lo: str, hi: str) -> str:
-    """lo + 2^64 hi as an i256, for 128-bit lo and hi < 2^127 (so the sum is below 2^192)."""
+    """lo + 2^64 hi as an i256, for 128-bit lo and hi < 2^127 (so the sum is below 2^192).
+
+    Put together as ``low limb | (top << 64)``: one add of 128-bit values,
+    and the pieces stay one 192-bit value for the sums that follow.
+    """
     top = e(f"add i128 {hi}, {e(f'lshr i128 {lo}, 64')}")
     low = e(f"zext i64 {e(f'trunc i128 {lo} to i64')} to i256")
     high = e(f"shl i256 {e(f'zext i128 {top} to i256')}, 64")
-    return e(f"or disjoint i256 {low}, {high}")
+    return e(f"or i256 {low}, {high}")
 
 
 def _fold(e: _Emitter, x: str) -> str:
@@ -218,8 +219,8 @@ def _loop_head(e: _Emitter, label: str, prev: str, start: str, latch: str | None
     return e(f"phi i64 [{start}, %{prev}], [%{label}.next, %{latch or label}]", f"%{label}.i")
 
 
-def _loop_tail(e: _Emitter, label: str, end: str, after: str, step: int = 1) -> None:
-    e(f"add nuw nsw i64 %{label}.i, {step}", f"%{label}.next")
+def _loop_tail(e: _Emitter, label: str, end: str, after: str) -> None:
+    e(f"add nuw nsw i64 %{label}.i, 1", f"%{label}.next")
     more = e(f"icmp slt i64 %{label}.next, {end}")
     e.line(f"  br i1 {more}, label %{label}, label %{after}")
 
