@@ -630,9 +630,9 @@ def _union(infos: list[TableInfo]) -> tuple[Any, int]:
 async def _mpc_query(request: web.Request) -> web.Response:
     """Run one statistics query with the other parties; answer with result shares sealed for the caller."""
     import numpy as np
+
     from qstore.mpc import engine, stats
     from qstore.query import Query
-
     from qstore.rng import AesCtrRandom
 
     caller = _caller(request)
@@ -728,6 +728,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     c = app[CONFIG]
     app[STORE] = await asyncio.to_thread(Store, c.data_dir, clock=c.clock, fsync=c.fsync)
     app[TABLES] = await asyncio.to_thread(TableStore, c.data_dir, clock=c.clock, fsync=c.fsync)
+    await asyncio.to_thread(_warm_up)
     app[MAILBOX] = Mailbox()
     peer_timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=c.mpc_round_timeout_s)
     app[PEER_SESSION] = aiohttp.ClientSession(
@@ -752,6 +753,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await app[PEER_SESSION].close()
         app[STORE].close()
         app[TABLES].close()
+
+
+def _warm_up() -> None:
+    """Compile the field kernels now, not inside the first query's first round (about a second)."""
+    from qstore import field
+
+    one = field.from_int(1, (1,))
+    field.power(field.mul(one, one), 3)
 
 
 async def _every(interval_s: float, job: Callable[[], object], name: str) -> None:

@@ -134,7 +134,7 @@ def test_joint_randomness(n, t):
 
     views = {}
     out = run(n, t, prog, [], views=views)
-    assert len(views[1]) == 4
+    assert len(views[1]) == 2 + pr.bit_rounds(t)
     r, s, b = (reveal({x: o[k] for x, o in out.items()}, t) for k in range(3))
     r = [v % P for v in r.tolist()]
     assert len(set(r)) == 50  # 127-bit values do not collide
@@ -149,7 +149,7 @@ def test_random_bits_from_replaces_zero_squares(n, t):
     # r = 0 makes v = r² = 0, which has no inverse square root: those elements get fresh bits
     r = np.array([0, 5, 0, P - 3, 1], dtype=object)
     got, rounds = mpc(n, t, pr.random_bits_from, [r])
-    assert rounds == 1 + 2
+    assert rounds == 1 + pr.bit_rounds(t)
     assert set(got.tolist()) <= {0, 1}
     # the nonzero elements keep their quadratic character: (χ(r) + 1) / 2
     for i in (1, 3, 4):
@@ -175,7 +175,7 @@ def test_ltz_mod2m_trunc(n, t, bits):
     a = _edge_signed(bits, rng)
     got, rounds = mpc(n, t, pr.ltz, [a], bits)
     assert got.tolist() == (a < 0).astype(int).tolist()
-    assert rounds == 3 + pr._rounds(bits)
+    assert rounds == pr.bit_rounds(t) + 1 + pr._rounds(bits)
     for m in sorted({1, (bits + 1) // 2, bits}):
         got, _ = mpc(n, t, pr.mod2m, [a], bits, m)
         assert got.tolist() == (a % (1 << m)).tolist()
@@ -214,7 +214,7 @@ def test_eqz(n, t, bits):
     a = np.array([0, 1, -1, lim - 1, -lim + 1, 0, *signed(rng, -lim + 1, lim, 10)], dtype=np.int64)
     got, rounds = mpc(n, t, pr.eqz, [a], bits)
     assert got.tolist() == (a == 0).astype(int).tolist()
-    assert rounds == 3 + pr._rounds(bits)
+    assert rounds == pr.bit_rounds(t) + 1 + pr._rounds(bits)
 
 
 @pytest.mark.parametrize(("n", "t"), SETUPS)
@@ -240,7 +240,7 @@ def test_prepared_masks_save_two_rounds(n, t):
 
     views = {}
     out = run(n, t, prog, [a], views=views)
-    assert len(views[1]) == 2 + 2 * (1 + pr._rounds(bits))
+    assert len(views[1]) == pr.bit_rounds(t) + 2 * (1 + pr._rounds(bits))
     assert reveal({x: o[0] for x, o in out.items()}, t).tolist() == (a < 0).astype(int).tolist()
     assert reveal({x: o[1] for x, o in out.items()}, t).tolist() == (a == 0).astype(int).tolist()
 
@@ -278,7 +278,7 @@ def test_bit_decompose(n, t, bits):
     got, rounds = mpc(n, t, pr.bit_decompose, [a], bits)
     want = (a[None, :] >> np.arange(bits)[:, None]) & 1
     assert got.tolist() == want.tolist()
-    assert rounds == 3 + pr._rounds(bits)
+    assert rounds == pr.bit_rounds(t) + 1 + pr._rounds(bits)
 
 
 @pytest.mark.parametrize(("n", "t"), SETUPS)
@@ -328,7 +328,7 @@ def test_order_statistics_match_numpy(n, t):
     got = reveal(out, t)
     assert got.shape == (3, len(conds))
     cbits = max(((abs(al) + abs(be)) * 13 + abs(ga)).bit_length() for al, be, ga in conds)
-    assert len(views[1]) == 2 + nbits * (3 + pr._rounds(cbits)) - 1
+    assert len(views[1]) == pr.bit_rounds(t) + nbits * (3 + pr._rounds(cbits)) - 1
     for g, mask in enumerate(masks):
         sel = np.sort(x[mask == 1])
         k = len(sel)

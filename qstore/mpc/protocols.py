@@ -35,6 +35,7 @@ batch (2 rounds in all).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -262,6 +263,14 @@ def _deal(
     Any t parties miss at least one dealer's contribution, so a sum of
     uniform field elements is uniform to them.
     """
+    got = yield from _deal_each(ctx, shapes, draw)
+    return [_sum([g[i] for g in got]) for i in range(len(shapes))]
+
+
+def _deal_each(
+    ctx: Context, shapes: Sequence[tuple[int, ...]], draw: Callable[[], list[Vec]]
+) -> Protocol[list[list[Vec]]]:
+    """The first t+1 parties each share values of their own drawing: every dealer's sharings. 1 round."""
     dealers = ctx.parties[: ctx.t + 1]
     shapes = [tuple(s) for s in shapes]
     own: list[Vec] = []
@@ -273,8 +282,7 @@ def _deal(
         ex = Exchange.send_all(ctx, lambda peer: [])
     inbox = yield ex
     inbox = expect(ctx, inbox, lambda peer: shapes if peer in dealers else [])
-    got = {d: (own if d == ctx.me else inbox[d]) for d in dealers}
-    return [_sum([got[d][i] for d in dealers]) for i in range(len(shapes))]
+    return [own if d == ctx.me else inbox[d] for d in dealers]
 
 
 def random(ctx: Context, shape: int | tuple[int, ...]) -> Protocol[Vec]:
@@ -313,10 +321,52 @@ def random_bits_from(ctx: Context, r: Vec) -> Protocol[Vec]:
     return b
 
 
+def bit_rounds(t: int) -> int:
+    """Rounds of :func:`random_bits` (and :func:`masks`): one to deal, then an XOR tree over t+1 dealers."""
+    return 1 + _rounds(t + 1)
+
+
 def random_bits(ctx: Context, shape: int | tuple[int, ...]) -> Protocol[Vec]:
-    """Shares of uniform random bits nobody knows. 2 rounds (deal, open r²), reveals nothing."""
-    r = yield from random(ctx, shape)
-    return (yield from random_bits_from(ctx, r))
+    """Shares of uniform random bits nobody knows. 1 + R(t+1) rounds, reveals nothing.
+
+    Each of the first t+1 parties deals shares of its own random bits and the
+    bits are XORed (x ⊕ y = x + y − 2xy) in a tree: any t parties miss one
+    dealer's bit, so the XOR is uniform to them. Much cheaper than the
+    squaring method (:func:`random_bits_from`: an exponentiation per bit).
+    """
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    return (yield from _xor_bits(ctx, shape, []))[0]
+
+
+def _xor_bits(ctx: Context, shape: tuple[int, ...],
+              extra: Sequence[tuple[tuple[int, ...], Callable[[], Vec]]]
+              ) -> Protocol[list[Vec]]:
+    """Random bits of ``shape`` (dealt and XORed) and, dealt in the same round, the ``extra`` sums."""
+    def draw() -> list[Vec]:
+        count = int(np.prod(shape, dtype=np.int64))
+        raw = np.frombuffer(_random_bytes(ctx, -(-count // 8)), dtype=np.uint8)
+        bits = np.unpackbits(raw)[:count].astype(np.int64)
+        return [field.from_ints(bits.reshape(shape))] + [make() for _, make in extra]
+
+    got = yield from _deal_each(ctx, [shape] + [s for s, _ in extra], draw)
+    level = [g[0] for g in got]
+    while len(level) > 1:
+        pairs = [(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+        prods = yield from mul_many(ctx, pairs)
+        nxt = [field.sub(field.add(a, b), field.scale(ab, 2))
+               for (a, b), ab in zip(pairs, prods, strict=True)]
+        level = nxt + ([level[-1]] if len(level) % 2 else [])
+    return [level[0]] + [_sum([g[i + 1] for g in got]) for i in range(len(extra))]
+
+
+def _random_bytes(ctx: Context, n: int) -> bytes:
+    buf = bytearray(n)
+    if n:
+        if ctx.rng is None:
+            buf[:] = os.urandom(n)
+        else:
+            ctx.rng.fill(memoryview(buf), ctx.rng.reserve(n))
+    return bytes(buf)
 
 
 @dataclass(frozen=True)
@@ -355,12 +405,10 @@ def masks(ctx: Context, shape: int | tuple[int, ...], m: int, high_bits: int) ->
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     _check_bits(m)
     _check_bits(high_bits)
-    r, high = yield from _deal(
-        ctx,
-        [(m,) + shape, shape],
-        lambda: [field.random((m,) + shape, ctx.rng), field.random_below(shape, high_bits, ctx.rng)],
+    bits, high = yield from _xor_bits(
+        ctx, (m,) + shape, [(shape, lambda: field.random_below(shape, high_bits, ctx.rng))]
     )
-    return Masks((yield from random_bits_from(ctx, r)), high, high_bits)
+    return Masks(bits, high, high_bits)
 
 
 # ---------------------------------------------------------------- masked opening and bitwise circuits
