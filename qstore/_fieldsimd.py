@@ -67,9 +67,10 @@ class Kernels:
     address of one element; ``neg``/``reduce(a, out, n)`` (``reduce`` clears bit 127 and maps p
     to 0, in place allowed); ``dot(a, b, out, rows, n, astride, bstride)``: row r of a starts at
     element ``r * astride`` (0 repeats one row); ``total(a, out, rows, n)``;
-    ``lincomb(ptrs, coefs, k, out, n)``: ``ptrs`` k addresses, ``coefs`` k elements;
-    ``slincomb``: the same with each coefficient as magnitude < 2^64 (low limb) and sign (high
-    limb, nonzero for negative); ``lincomb_k[k - 1]``/``slincomb_k[k - 1]``: for exactly k vectors;
+    ``lincomb(ptrs, coefs, k, out, n)``: ``ptrs`` k addresses, ``coefs`` 2k elements, each
+    coefficient c followed by c0 2^64 + 2 c1 (congruent to 2^64 c); ``slincomb``: the same with
+    each coefficient one element, magnitude < 2^64 (low limb) and sign (high limb, nonzero for
+    negative); ``lincomb_k[k - 1]``/``slincomb_k[k - 1]``: for exactly k vectors;
     ``power(a, b, out, n, digits, ndigits)``: exponent digits as bytes, most significant first,
     ``digits[0]`` = 1, each 0, 1 or 2 for -1 (then b holds a^-1, else b may be a);
     ``inverse(a, out, n, bits, nbits)``: the bits of p - 2 as digits; ``check(a, n)``.
@@ -291,30 +292,36 @@ def _sums_ir(name: str, products: bool) -> str:
     return e.text()
 
 
-def _coefficient(e: _Emitter, c: str, small: bool) -> tuple[str, ...]:
-    """A loaded coefficient as its term needs it: (c,), or for ``small`` (sign mask, magnitude).
+def _coefficient(e: _Emitter, coefs: str, j: str, small: bool) -> tuple[str, ...]:
+    """Coefficient j loaded as its term needs it.
 
-    Small coefficients are stored as magnitude (low 64 bits) and sign (high
-    64 bits nonzero for negative); the sign mask is p or 0.
+    General: (c, d), two elements, d = c0 2^64 + 2 c1 (congruent to 2^64 c,
+    precomputed so that the term needs no shift). Small: one element,
+    magnitude (low limb) and sign (high limb nonzero for negative), returned
+    as (sign mask p or 0, magnitude).
     """
     if not small:
-        return (c,)
+        j2 = e(f"shl i64 {j}, 1")
+        return _load(e, coefs, j2), _load(e, coefs, e(f"or i64 {j2}, 1"))
+    c = _load(e, coefs, j)
     negative = e(f"icmp ne i128 {e(f'lshr i128 {c}, 64')}, 0")
     mask = e(f"select i1 {negative}, i128 {P}, i128 0")
     return mask, e(f"and i128 {c}, {(1 << 64) - 1}")
 
 
-def _term(e: _Emitter, x: str, coef: tuple[str, ...]) -> str:
-    """An i256 below 2^192 congruent to c * x.
+def _term(e: _Emitter, x: str, coef: tuple[str, str], small: bool) -> str:
+    """An i256 below 2^192 congruent to c * x (see :func:`_product` and :func:`_coefficient`).
 
     Small: -|c| x = |c| (p - x), and p - x = p XOR x for x <= p; then |c| < 2^64
     makes it two 64 x 64-bit products.
     """
-    if len(coef) == 1:
-        return _product(e, x, coef[0])
-    mask, mag = coef
-    x0, x1 = _limbs(e, e(f"xor i128 {x}, {mask}"))
-    return _wide(e, e(f"mul i128 {x0}, {mag}"), e(f"mul i128 {x1}, {mag}"))
+    x0, x1 = _limbs(e, x if not small else e(f"xor i128 {x}, {coef[0]}"))
+    if small:
+        return _wide(e, e(f"mul i128 {x0}, {coef[1]}"), e(f"mul i128 {x1}, {coef[1]}"))
+    c0, c1 = _limbs(e, coef[0])
+    d0, d1 = _limbs(e, coef[1])
+    low = _wide(e, e(f"mul i128 {x0}, {c0}"), e(f"mul i128 {x0}, {c1}"))
+    return e(f"add i256 {low}, {_wide(e, e(f'mul i128 {x1}, {d0}'), e(f'mul i128 {x1}, {d1}'))}")
 
 
 def _lincomb_ir(k: int | None = None, small: bool = False) -> str:
@@ -331,21 +338,21 @@ def _lincomb_ir(k: int | None = None, small: bool = False) -> str:
     e.label("entry")
     if k is not None:
         ptrs = [e(f"load ptr, ptr {e(f'getelementptr ptr, ptr %ptrs, i64 {j}')}, align 8") for j in range(k)]
-        coefs = [_coefficient(e, _load(e, "%coefs", str(j)), small) for j in range(k)]
+        coefs = [_coefficient(e, "%coefs", str(j), small) for j in range(k)]
     _guard(e, e("icmp sgt i64 %n, 0"), "el", "exit")
     if k is not None:
         i = _loop_head(e, "el", "entry", "0")
         acc = "0"
         for vp, c in zip(ptrs, coefs, strict=True):
-            acc = e(f"add i256 {acc}, {_term(e, _load(e, vp, i), c)}")
+            acc = e(f"add i256 {acc}, {_term(e, _load(e, vp, i), c, small)}")
     else:
         i = _loop_head(e, "el", "entry", "0", "elend")
         e.line("  br label %vec")
         j = _loop_head(e, "vec", "el", "0")
         e("phi i256 [0, %el], [%acc.n, %vec]", "%acc")
         vp = e(f"load ptr, ptr {e(f'getelementptr ptr, ptr %ptrs, i64 {j}')}, align 8")
-        coef = _coefficient(e, _load(e, "%coefs", j), small)
-        e(f"add i256 %acc, {_term(e, _load(e, vp, i), coef)}", "%acc.n")
+        coef = _coefficient(e, "%coefs", j, small)
+        e(f"add i256 %acc, {_term(e, _load(e, vp, i), coef, small)}", "%acc.n")
         _loop_tail(e, "vec", "%k", "elend")
         e.label("elend")
         acc = "%acc.n"

@@ -432,10 +432,16 @@ def lincomb(coeffs: Sequence[int], vecs: Sequence[Vec]) -> Vec:
             coefs = struct.pack(f"<{2 * m}Q", *(x for c in signed for x in (abs(c), c < 0)))
             fixed, loop = k.slincomb_k, k.slincomb
         else:
-            coefs = b"".join(c.to_bytes(ELEM_BYTES, "little") for c, _ in terms)
+            coefs = struct.pack(f"<{4 * m}Q", *(x for c, _ in terms for x in _coefficient_pair(c)))
             fixed, loop = k.lincomb_k, k.lincomb
         (fixed[m - 1] if m <= len(fixed) else loop)(ptrs, coefs, m, _addr(out), n)
     return out
+
+
+def _coefficient_pair(c: int) -> tuple[int, int, int, int]:
+    """The limbs of c and of d = c0 2^64 + 2 c1 = 2^64 c (mod p), as the lincomb kernels take them."""
+    c0, c1 = c & _MASK64, c >> 64
+    return c0, c1, 2 * c1, c0
 
 
 def _power(a: Vec, e: int) -> Vec:
