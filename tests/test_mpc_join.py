@@ -374,3 +374,17 @@ def test_without_join_keeps_everything_else():
     wrapped = join.without_join(Odd())
     assert wrapped.join is None and wrapped.op == "count"
     assert stats.plan(wrapped, SCHEMA_A).op == "count"
+
+
+def test_joined_program_with_the_real_query():
+    query = pytest.importorskip("qstore.query")
+    rng = np.random.default_rng(11)
+    a, b = _tables(rng)
+    rows = _plain(a, b)
+    q = query.Query(op="mean", tables=("a",), columns=("dose",), where=query.Compare("age", ">=", 30),
+                    join=query.Join(table="b", on="pid"))
+    assert join.without_join(q).join is None
+    got = _run_stats(3, 1, q, a, b)
+    sel = rows[rows[:, 0] >= 30]
+    ok = int(len(sel) >= 3)
+    assert got == {"g0": [ok, ok * len(sel), ok * int(sel[:, 2].sum())]}
