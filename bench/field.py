@@ -19,8 +19,9 @@ Each line: ``{"figure", "elements", "seconds", "per_element_ns", "reference_elem
 "reference_seconds", "reference_per_element_ns", "speedup"}`` plus ``target_per_element_ns`` and
 ``meets_target`` for the figures with a target (per element at N = 10^6: mul 10 ns, dot 5 ns,
 lincomb 20 ns per output element, sqrt 1 µs, add 5 ns). Seconds are the best of ``--repeat``
-runs after one untimed run (first touch of memory). The first line describes the environment
-and how long compiling the kernels took; progress goes to stderr.
+runs after one untimed run (first touch of memory). The first line describes the environment,
+how long compiling the kernels took and the load average (other processes on a small machine
+inflate every figure); progress goes to stderr.
 
 Run::
 
@@ -71,6 +72,7 @@ def environment(n: int, repeats: int, compile_seconds: float) -> dict[str, Any]:
         "elements": n,
         "repeats": f"1 untimed + best of {repeats}",
         "compile_seconds": round(compile_seconds, 3),
+        "loadavg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
 
 
