@@ -132,11 +132,14 @@ def to_signed(v: Vec) -> list[Any]:
     small = (hi == 0) & (lo >> _U64(63) == 0)  # x < 2^63
     # x >= p - 2^63, read as x - p = lo + 1 - 2^64 (at least -2^63): the int64 bits of lo + 1
     negative = (hi == _U64(_TOP)) & (lo >= _U64(_TOP))
-    if bool(np.all(small | negative)):
-        return np.where(small, lo, lo + _U64(1)).view(np.int64).tolist()
-    o = _objs(v)
-    o = np.asarray(np.where(o > P // 2, o - P, o), dtype=object)
-    return o.tolist()
+    fits = small | negative
+    machine = np.where(small, lo, lo + _U64(1)).view(np.int64)
+    if bool(fits.all()):
+        return machine.tolist()
+    out = machine.astype(object)  # Python ints; the elements beyond int64 follow
+    big = _objs(v[~fits])
+    out[~fits] = np.where(big > P // 2, big - P, big)
+    return out.tolist()
 
 
 def check(v: object) -> Vec:
