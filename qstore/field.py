@@ -14,8 +14,13 @@ no conversion. Leading dimensions are free: ``(rows,)`` columns,
 ``(bits, rows)`` bit matrices, and operations work elementwise over them.
 
 Every operation here has a plain Python-integer twin (``_ref_*``) that the
-tests compare against; the fast paths are vectorised kernels
-(:mod:`qstore._fieldsimd` where available) — never a Python loop per element.
+tests compare against; the fast paths are machine-code kernels
+(:mod:`qstore._fieldsimd`, compiled on first use) — never a Python loop per
+element. Without llvmlite, or with ``QSTORE_KERNEL=numpy``, the twins run
+instead: exact, a hundred times slower (:func:`backend` tells which).
+Arithmetic checks the shape and dtype of its inputs, not their range
+(:func:`check` and :func:`from_bytes` do, at the boundaries); outputs are
+new, reduced arrays.
 """
 
 from __future__ import annotations
