@@ -375,11 +375,11 @@ def _rows(x: Vec, shape: tuple[int, ...]) -> tuple[np.ndarray, int]:
 def dot(a: Vec, b: Vec) -> Vec:
     """Sum over the last element axis of a * b: shape (..., N, 2) → (..., 2)."""
     a, b = _structure(a), _structure(b)
+    if a.ndim < 2 or b.ndim < 2:
+        raise FieldError("dot needs vectors with an element axis: shape (..., N, 2)")
     k = _kernels()
     if k is None:
         return _ref_dot(a, b)
-    if a.ndim < 2 or b.ndim < 2:
-        raise FieldError("dot needs vectors with an element axis: shape (..., N, 2)")
     shape = np.broadcast_shapes(a.shape[:-1], b.shape[:-1])
     ra, sa = _rows(a, shape)
     rb, sb = _rows(b, shape)
@@ -394,11 +394,11 @@ def dot(a: Vec, b: Vec) -> Vec:
 def total(a: Vec) -> Vec:
     """Sum over the last element axis: shape (..., N, 2) → (..., 2)."""
     a = _structure(a)
+    if a.ndim < 2:
+        raise FieldError("total needs vectors with an element axis: shape (..., N, 2)")
     k = _kernels()
     if k is None:
         return _ref_sum(a)
-    if a.ndim < 2:
-        raise FieldError("total needs vectors with an element axis: shape (..., N, 2)")
     a = np.ascontiguousarray(a)
     out = np.empty(a.shape[:-2] + (2,), dtype=_U64)
     rows = out.size // 2

@@ -144,6 +144,13 @@ def test_outputs_are_new_arrays_and_inputs_untouched(path):
     assert np.array_equal(a, a0) and np.array_equal(b, b0)
 
 
+def test_sums_need_an_element_axis(path):
+    with pytest.raises(FieldError):
+        field.dot(rand(2)[0], rand(2)[0])
+    with pytest.raises(FieldError):
+        field.total(field.from_int(3))
+
+
 def test_not_field_vectors_are_rejected():
     good = rand(3)
     for bad in (good.astype(np.int64), good[..., :1], [[1, 0]], good.reshape(6)):
