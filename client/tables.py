@@ -209,7 +209,7 @@ class Tables:
     async def _schema(self, query: Any) -> Any:
         from qstore.tables import Schema
 
-        infos = [await self.describe(n) for n in query.tables]
+        infos = await asyncio.gather(*(self.describe(n) for n in query.tables))
         schemas = [Schema.from_json(i["schema"]) for i in infos]
         return replace(schemas[0], min_group_size=max(s.min_group_size for s in schemas))
 
@@ -218,8 +218,7 @@ class Tables:
         from qstore.mpc import engine, finish, shamir
 
         started = time.perf_counter()
-        schema = await self._schema(query)
-        parties = await self._parties()
+        schema, parties = await asyncio.gather(self._schema(query), self._parties())
         query_id = uuid.uuid4().hex
         body = {"query_id": query_id, "query": query.to_json(), "parties": [nd.info.x for nd in parties]}
 

@@ -143,6 +143,9 @@ class RunStats:
     bytes_sent: int = 0
     key_spent: int = 0
     seconds: float = 0.0
+    compute_s: float = 0.0  # in protocol steps (worker thread)
+    send_s: float = 0.0  # sealing and posting this node's messages (key fetches included)
+    wait_s: float = 0.0  # waiting for the peers' messages after sending ours
 
 
 def _step(protocol: Generator[Any, Any, Any], received: Any) -> tuple[bool, Any]:
@@ -167,7 +170,9 @@ async def drive(protocol: Generator[Any, Any, Any], *, query_id: str, me: int, p
     round_ = 0
     try:
         while True:
+            t0 = time.perf_counter()
             done, exchange = await asyncio.to_thread(_step, protocol, received)
+            stats.compute_s += time.perf_counter() - t0
             if done:
                 return exchange
             targets = set(exchange.out)
@@ -175,10 +180,14 @@ async def drive(protocol: Generator[Any, Any, Any], *, query_id: str, me: int, p
                 raise QueryFailed(f"protocol round {round_} addresses {sorted(targets)}, "
                                   f"not the peers {peers}")
             payloads = {x: engine.encode_payload(vecs) for x, vecs in exchange.out.items()}
+            t1 = time.perf_counter()
             spent = await asyncio.gather(*(send(x, round_, payloads[x]) for x in peers))
+            t2 = time.perf_counter()
+            stats.send_s += t2 - t1
             stats.key_spent += sum(spent)
             stats.bytes_sent += sum(len(p) for p in payloads.values())
             raw = await mailbox.take(query_id, round_, peers, round_timeout_s, names)
+            stats.wait_s += time.perf_counter() - t2
             try:
                 received = {x: engine.decode_payload(raw[x], max_elements) for x in peers}
             except ValueError as exc:

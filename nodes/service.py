@@ -701,8 +701,9 @@ async def _mpc_query(request: web.Request) -> web.Response:
     finally:
         mailbox.close(query_id)
         await asyncio.to_thread(tables.audit_end, entry, status, run.key_spent)
-    log.info("query %s by %s on %s: %s, %d rounds, %d bytes sent, %d key bytes, %.3f s", query_id, caller,
-             ",".join(names), status, run.rounds, run.bytes_sent, run.key_spent, run.seconds)
+    log.info("query %s by %s on %s: %s, %d rounds, %d bytes sent, %d key bytes, %.3f s (compute %.3f, "
+             "send %.3f, wait %.3f)", query_id, caller, ",".join(names), status, run.rounds, run.bytes_sent,
+             run.key_spent, run.seconds, run.compute_s, run.send_s, run.wait_s)
     info = {"outputs": names_out, "rounds": run.rounds, "key_spent": run.key_spent, "seconds": run.seconds,
             "bytes_sent": run.bytes_sent}
     return web.Response(body=bytes(envelope), content_type="application/octet-stream",

@@ -144,21 +144,6 @@ def test_joint_randomness(n, t):
     assert set(b) == {0, 1} and 90 < sum(b) < 210
 
 
-@pytest.mark.parametrize(("n", "t"), SETUPS)
-def test_random_bits_from_replaces_zero_squares(n, t):
-    # r = 0 makes v = r² = 0, which has no inverse square root: those elements get fresh bits
-    r = np.array([0, 5, 0, P - 3, 1], dtype=object)
-    got, rounds = mpc(n, t, pr.random_bits_from, [r])
-    assert rounds == 1 + pr.bit_rounds(t)
-    assert set(got.tolist()) <= {0, 1}
-    # the nonzero elements keep their quadratic character: (χ(r) + 1) / 2
-    for i in (1, 3, 4):
-        chi = pow(int(r[i]), (P - 1) // 2, P)
-        assert got[i] == (1 if chi == 1 else 0)
-    got, rounds = mpc(n, t, pr.random_bits_from, [np.array([7, 9])])
-    assert rounds == 1
-
-
 # ---------------------------------------------------------------- comparison
 
 

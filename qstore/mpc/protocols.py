@@ -81,7 +81,6 @@ __all__ = [
     "random",
     "random_below",
     "random_bits",
-    "random_bits_from",
     "rank_condition",
     "reduce",
     "reduce_many",
@@ -189,9 +188,14 @@ def open_(ctx: Context, a: Vec) -> Protocol[Vec]:
 
 
 def open_2t(ctx: Context, c: Vec) -> Protocol[Vec]:
-    """Open a degree-2t sharing (a local product of two degree-t sharings): reveals c, 1 round.
+    """Open a degree-2t sharing: reveals c, 1 round.
 
-    Needs all of at least 2t+1 parties; with more, consistency at degree 2t is checked.
+    Hazmat: opening reveals the whole sharing polynomial, not only its value.
+    A bare local product of two degree-t sharings is a product of two
+    polynomials, and its factors (hence the factors' secrets) can be
+    recovered from it: add a fresh random degree-2t sharing of zero first
+    (as :mod:`qstore.mpc.join` does), or reduce instead. Needs all of at
+    least 2t+1 parties; with more, consistency at degree 2t is checked.
     """
     return (yield from _open(ctx, [c], 2 * ctx.t))[0]
 
@@ -303,24 +307,6 @@ def random_below(ctx: Context, shape: int | tuple[int, ...], bits: int) -> Proto
     return (yield from _deal(ctx, [shape], lambda: [field.random_below(shape, bits, ctx.rng)]))[0]
 
 
-def random_bits_from(ctx: Context, r: Vec) -> Protocol[Vec]:
-    """Uniform shared bits from shared uniform field elements r (consumed: never reuse r).
-
-    Opens v = r² (degree 2t, the local product) and takes b = (r·v^((p-3)/4) + 1)/2:
-    r·v^((p-3)/4) is the quadratic character of r, ±1 with probability 1/2 each
-    and independent of v, which is all that is revealed. 1 round; where v = 0
-    (probability 2^-127 per element) fresh bits replace those elements (2 more rounds,
-    on every party alike, since v is public).
-    """
-    v = yield from open_2t(ctx, field.mul(r, r))
-    u = field.power(v, _EXP_INV_SQRT)
-    b = field.scale(field.add_const(field.mul(r, u), 1), _INV2)
-    zero = _is_zero(v)
-    if zero.any():
-        b[zero] = yield from random_bits(ctx, (int(zero.sum()),))
-    return b
-
-
 def bit_rounds(t: int) -> int:
     """Rounds of :func:`random_bits` (and :func:`masks`): one to deal, then an XOR tree over t+1 dealers."""
     return 1 + _rounds(t + 1)
@@ -332,7 +318,8 @@ def random_bits(ctx: Context, shape: int | tuple[int, ...]) -> Protocol[Vec]:
     Each of the first t+1 parties deals shares of its own random bits and the
     bits are XORed (x ⊕ y = x + y − 2xy) in a tree: any t parties miss one
     dealer's bit, so the XOR is uniform to them. Much cheaper than the
-    squaring method (:func:`random_bits_from`: an exponentiation per bit).
+    squaring method (open r² and take a square root: an exponentiation per bit, and
+    the opened product polynomial must first be re-randomised, see :func:`open_2t`).
     """
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     return (yield from _xor_bits(ctx, shape, []))[0]

@@ -396,7 +396,10 @@ def program(ctx: Context, query: Any, schema: Any, data: Mapping[str, F.Vec], ro
             vals, n = yield from _order(ctx, p, schema, w, data, rows)
         else:
             vals, n = yield from _moments(ctx, p, w, data, rows)
-    ok = yield from _ok_bits(ctx, n, p, rows)
+    if f is None and len(p.groups) == 1 and not p.groups[0].indicators and p.groups[0].bin is None:
+        ok = F.from_int(int(rows >= p.min_group_size), (1,))  # every row: n = rows is public
+    else:
+        ok = yield from _ok_bits(ctx, n, p, rows)
     body = np.concatenate([n[:, None], vals], axis=1) if vals.shape[1] else n[:, None]
     masked = yield from P.mul(ctx, np.broadcast_to(ok[:, None], body.shape).copy(), body)
     return {f"g{i}": np.concatenate([ok[i : i + 1], masked[i]]) for i in range(len(p.groups))}
