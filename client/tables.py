@@ -207,11 +207,15 @@ class Tables:
         return live
 
     async def _schema(self, query: Any) -> Any:
-        from qstore.tables import Schema
+        from qstore.tables import Schema, join_schema
 
-        infos = await asyncio.gather(*(self.describe(n) for n in query.tables))
-        schemas = [Schema.from_json(i["schema"]) for i in infos]
-        return replace(schemas[0], min_group_size=max(s.min_group_size for s in schemas))
+        names = list(query.tables) + ([query.join.table] if query.join is not None else [])
+        infos = await asyncio.gather(*(self.describe(n) for n in names))
+        schemas = [Schema.from_json(i["schema"]) for i in infos[: len(query.tables)]]
+        schema = replace(schemas[0], min_group_size=max(s.min_group_size for s in schemas))
+        if query.join is not None:
+            schema = join_schema(schema, Schema.from_json(infos[-1]["schema"]), query.join.on)
+        return schema
 
     async def query(self, query: Any) -> ResultSet:
         """Run ``query`` (a :class:`qstore.query.Query`); its results, reconstructed here."""
@@ -264,7 +268,9 @@ class Tables:
                              rounds=max(info["rounds"] for info, _ in answers.values()),
                              key_spent_bytes=sum(int(info["key_spent"]) for info, _ in answers.values()),
                              bytes_sent=sum(int(info["bytes_sent"]) for info, _ in answers.values()))
-        results = ResultSet(finish.finish(query, schema, opened))
+        from qstore.mpc.join import without_join
+
+        results = ResultSet(finish.finish(without_join(query), schema, opened))
         report.seconds = time.perf_counter() - started
         for r in results:
             r.key_spent_bytes = report.key_spent_bytes

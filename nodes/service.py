@@ -631,9 +631,10 @@ async def _mpc_query(request: web.Request) -> web.Response:
     """Run one statistics query with the other parties; answer with result shares sealed for the caller."""
     import numpy as np
 
-    from qstore.mpc import engine, stats
+    from qstore.mpc import engine, join, stats
     from qstore.query import Query
     from qstore.rng import AesCtrRandom
+    from qstore.tables import join_schema
 
     caller = _caller(request)
     c = request.app[CONFIG]
@@ -656,15 +657,18 @@ async def _mpc_query(request: web.Request) -> web.Response:
             raise Forbidden(f"{caller} has no grant to query table {info.name!r}")
     main = infos[: len(query.tables)]
     schema, rows = _union(main)
-    needed = stats.columns_needed(query, schema)
-    loaded = [await asyncio.to_thread(tables.load, info, needed) for info in main]
-    data = {col: np.concatenate([part[col] for part in loaded]) if loaded else None for col in needed}
-    extra: dict[str, Any] = {}
-    if query.join is not None:
+    other: tuple[Any, dict[str, Any], int] | None = None
+    if query.join is None:
+        needed = stats.columns_needed(query, schema)
+    else:  # the join's columns come from either side, plus the id column of both
         other_schema, other_rows = _union(infos[len(query.tables):])
-        other_needed = stats.columns_needed(query, other_schema, side="join")
-        extra = {"other": (other_schema,
-                           await asyncio.to_thread(tables.load, infos[-1], other_needed), other_rows)}
+        joined = join_schema(schema, other_schema, query.join.on)
+        wanted = set(stats.columns_needed(join.without_join(query), joined)) | {query.join.on}
+        needed = [c for c in schema.stored_columns() if c in wanted]
+        other_needed = [c for c in other_schema.stored_columns() if c in wanted]
+        other = (other_schema, await asyncio.to_thread(tables.load, infos[-1], other_needed), other_rows)
+    loaded = [await asyncio.to_thread(tables.load, info, needed) for info in main]
+    data = {col: np.concatenate([part[col] for part in loaded]) for col in needed}
     peers = sorted(x for x in parties if x != c.x)
     ctx = engine.Context(me=c.x, parties=tuple(sorted(parties)), t=c.t, rng=AesCtrRandom())
     revealed = stats.revealed(query)
@@ -673,7 +677,10 @@ async def _mpc_query(request: web.Request) -> web.Response:
     run = runtime.RunStats()
     status = "failed"
     try:
-        protocol = stats.program(ctx, query, schema, data, rows, **extra)
+        if other is None:
+            protocol = stats.program(ctx, query, schema, data, rows)
+        else:
+            protocol = join.joined_program(ctx, query, schema, data, rows, *other)
         outputs = await runtime.drive(
             protocol, query_id=query_id, me=c.x, peers=peers,
             send=lambda x, r, payload: _send_to_peer(request.app, by_x[x], query_id, r, payload),

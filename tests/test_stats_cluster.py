@@ -260,6 +260,38 @@ def test_queries_need_a_grant_and_only_owners_grant_or_remove(world):
         assert all(e["analyst"] in ("analyst", "hospital-a") for e in entries)
 
 
+def test_an_equi_join_across_two_owners(world):
+    state, _, root = world
+    rng = np.random.default_rng(7)
+    ids = [f"P{i:05d}" for i in rng.choice(100000, 120, replace=False)]
+    left_ids, right_ids = ids[:90], ids[30:]  # 60 patients in both
+    (root / "visits.toml").write_text('[table]\nmin_group_size = 5\n[columns]\npid = { type = "id" }\n'
+                                      'visits = { type = "integer", min = 0, max = 50 }\n')
+    (root / "labs.toml").write_text('[table]\nmin_group_size = 5\n[columns]\npid = { type = "id" }\n'
+                                    'hba1c = { type = "fixed", decimals = 1, min = 3, max = 15 }\n')
+    visits = dict(zip(left_ids, rng.integers(0, 50, len(left_ids)).tolist(), strict=True))
+    labs = dict(zip(right_ids, (rng.integers(40, 120, len(right_ids)) / 10).tolist(), strict=True))
+    (root / "visits.csv").write_text("pid,visits\n" + "".join(f"{k},{v}\n" for k, v in visits.items()))
+    (root / "labs.csv").write_text("pid,hba1c\n" + "".join(f"{k},{v:.1f}\n" for k, v in labs.items()))
+    for name, owner in (("visits", "hospital-a"), ("labs", "hospital-b")):
+        res = cli(state, "table", "put", root / f"{name}.csv", "--name", name, "--schema",
+                  root / f"{name}.toml", sae=owner)
+        assert res.returncode == 0, res.stderr
+        assert cli(state, "table", "grant", name, "analyst", sae=owner).returncode == 0
+    both = sorted(set(visits) & set(labs))
+    res = cli(state, "stats", "corr", "visits", "hba1c", "--table", "visits", "--join", "labs", "--on", "pid",
+              "--json", sae="analyst")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    x = np.array([visits[k] for k in both], dtype=float)
+    y = np.array([labs[k] for k in both])
+    assert doc["rows"] == len(both) == 60 and _approx(doc["value"], np.corrcoef(x, y)[0, 1])
+    # without a grant on the other side, no join
+    assert cli(state, "table", "revoke", "labs", "analyst", sae="hospital-b").returncode == 0
+    one_line_error(cli(state, "stats", "count", "--table", "visits", "--join", "labs", "--on", "pid",
+                       sae="analyst"), "grant")
+
+
 def test_a_node_down_mid_query_fails_cleanly_and_the_rest_carry_on(world):
     state, data, _ = world
     live = ClusterState.load(state)
