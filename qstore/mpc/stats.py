@@ -262,7 +262,7 @@ class _Atoms:
 def _lt_const(atoms: _Atoms, col: Any, x: F.Vec, c: int) -> int:
     """Index of [x < c] (c clamped to the column's range, so the difference stays within its bits)."""
     c = min(max(c, col.lo - 1), col.hi + 2)
-    return atoms.need(x, c, (col.hi - col.lo + 3).bit_length() + 1)
+    return atoms.need(x, c, max(1, (col.hi - col.lo + 2).bit_length()))  # |x - c| ≤ hi - lo + 2 < 2^bits
 
 
 def _compile(expr: Any, schema: Any, data: Mapping[str, F.Vec], rows: int, atoms: _Atoms) -> Any:
@@ -378,7 +378,7 @@ def _weights(ctx: Context, p: Plan, f: F.Vec | None, data: Mapping[str, F.Vec],
 
 def _ok_bits(ctx: Context, n: F.Vec, p: Plan, rows: int) -> Generator[Any, Any, F.Vec]:
     """Shares of [n ≥ min_group_size] per group (a comparison; nothing opened)."""
-    bits = max(rows, p.min_group_size).bit_length() + 2
+    bits = max(rows, p.min_group_size, 1).bit_length()  # -m ≤ n - m ≤ rows: |n - m| < 2^bits
     below = yield from P.ltz(ctx, F.add_const(n, -p.min_group_size), bits)
     return F.sub(_ones(n.shape[0]), below)
 
