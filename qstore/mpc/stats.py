@@ -82,8 +82,8 @@ class Plan:
 def _column(schema: Any, name: str) -> Any:
     try:
         return schema.column(name)
-    except (KeyError, LookupError, ValueError) as exc:
-        raise PlanError(f"no column {name!r} in the table") from exc
+    except (KeyError, LookupError, ValueError, RemoteError):
+        raise PlanError(f"no column {name!r} in the table") from None
 
 
 def _numeric(schema: Any, name: str) -> Any:
