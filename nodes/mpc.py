@@ -29,7 +29,7 @@ from qstore.errors import Conflict, RemoteError
 
 log = logging.getLogger(__name__)
 
-PART_BYTES = 16 << 20  # payloads above this travel as several sealed parts
+PART_BYTES = 4 << 20  # payloads above this travel as several sealed parts, concurrently
 MAX_PENDING_QUERIES = 64
 MAX_PENDING_BYTES = 2 << 30
 PENDING_TTL_S = 120.0

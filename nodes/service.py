@@ -572,31 +572,36 @@ async def _send_to_peer(app: web.Application, peer: Peer, query_id: str, round_:
     """Seal ``payload`` for ``peer`` (in parts if long) and post it; QKD key bytes spent."""
     step = runtime.PART_BYTES
     pieces = [payload[i : i + step] for i in range(0, len(payload), step)] or [b""]
-    spent = 0
-    for i, piece in enumerate(pieces):
-        need = otp.key_cost("otp", len(piece))
-        stream = await envelope_keys(app[SAE], peer.sae_id, need)
-        try:
-            envelope = otp.seal_parts(piece, stream)
-        finally:
-            stream.wipe()
-        params = {"query": query_id, "round": str(round_), "part": str(i), "parts": str(len(pieces))}
-        try:
-            async with app[PEER_SESSION].post(peer.url + "/v1/mpc/messages", params=params,
-                                              data=bytes(envelope)) as resp:
-                body = await resp.read()
-                if resp.status >= 300:
-                    try:
-                        message = str(json.loads(body).get("message", ""))
-                    except (ValueError, AttributeError):
-                        message = f"HTTP {resp.status}"
-                    raise QueryFailed(f"node {peer.site} refused a message: {message}")
-        except (aiohttp.ClientError, OSError) as exc:
-            raise QueryFailed(f"node {peer.site} unreachable ({type(exc).__name__})") from None
-        spent += need
-        _count_app(app, peer.sae_id, "key_out", need)
-        _count_app(app, peer.sae_id, "bytes_out", len(envelope))
-    return spent
+    # parts travel concurrently: one part's key fetches overlap another's transfer
+    return sum(await asyncio.gather(*(_send_part(app, peer, query_id, round_, i, len(pieces), piece)
+                                      for i, piece in enumerate(pieces))))
+
+
+async def _send_part(app: web.Application, peer: Peer, query_id: str, round_: int, i: int, parts: int,
+                     piece: bytes) -> int:
+    """Seal one part with fresh key for ``peer`` and post it; the key bytes spent."""
+    need = otp.key_cost("otp", len(piece))
+    stream = await envelope_keys(app[SAE], peer.sae_id, need)
+    try:
+        envelope = otp.seal_parts(piece, stream)
+    finally:
+        stream.wipe()
+    params = {"query": query_id, "round": str(round_), "part": str(i), "parts": str(parts)}
+    try:
+        async with app[PEER_SESSION].post(peer.url + "/v1/mpc/messages", params=params,
+                                          data=bytes(envelope)) as resp:
+            body = await resp.read()
+            if resp.status >= 300:
+                try:
+                    message = str(json.loads(body).get("message", ""))
+                except (ValueError, AttributeError):
+                    message = f"HTTP {resp.status}"
+                raise QueryFailed(f"node {peer.site} refused a message: {message}")
+    except (aiohttp.ClientError, OSError) as exc:
+        raise QueryFailed(f"node {peer.site} unreachable ({type(exc).__name__})") from None
+    _count_app(app, peer.sae_id, "key_out", need)
+    _count_app(app, peer.sae_id, "bytes_out", len(envelope))
+    return need
 
 
 def _count_app(app: web.Application, peer: str, what: str, nbytes: int) -> None:
