@@ -3,12 +3,12 @@
 import itertools
 import math
 from collections import Counter
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 from qstore import field
+from qstore import query as qmod
 from qstore.errors import LocalError
 from qstore.mpc import join, shamir, stats
 from qstore.mpc.engine import Context, EngineError, run_local
@@ -253,32 +253,16 @@ def test_the_opened_polynomial_hides_the_id_difference(with_zero):
 # ---------------------------------------------------------------- statistics over a join
 
 
-@dataclass(frozen=True)
-class Join:
-    table: str
-    on: str
+def Query(op: str, **kw: object) -> qmod.Query:
+    """The real query over table "a" (the join's left side)."""
+    return qmod.Query(op=op, tables=("a",), **kw)
 
 
-@dataclass(frozen=True)
-class Compare:
-    column: str
-    op: str
-    value: object
+def Join(table: str, on: str) -> qmod.Join:
+    return qmod.Join(table=table, on=on)
 
 
-@dataclass(frozen=True)
-class Query:
-    """A stand-in with the fields qstore.mpc.stats reads (qstore.query.Query has the same)."""
-
-    op: str
-    tables: tuple = ("a",)
-    columns: tuple = ()
-    where: object = None
-    group_by: tuple = ()
-    q: object = None
-    bins: object = None
-    mu: object = None
-    join: Join | None = None
+Compare = qmod.Compare
 
 
 SCHEMA_A = Schema(

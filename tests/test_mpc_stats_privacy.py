@@ -24,13 +24,12 @@ checks one such attack, on the squaring method of making random bits (an expecte
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 from scipy import stats as sps
 
 from qstore import field
+from qstore import query as qmod
 from qstore.field import P
 from qstore.mpc import protocols as pr
 from qstore.mpc import shamir, stats
@@ -40,26 +39,11 @@ from qstore.tables import Column, Schema
 FAMILY_ALPHA = 1e-6
 
 
-@dataclass(frozen=True)
-class Compare:
-    column: str
-    op: str
-    value: object
+def Query(op: str, **kw: object) -> qmod.Query:
+    return qmod.Query(op=op, tables=("t",), **kw)
 
 
-@dataclass(frozen=True)
-class Query:
-    """A stand-in with the fields qstore.mpc.stats reads."""
-
-    op: str
-    tables: tuple = ("t",)
-    columns: tuple = ()
-    where: object = None
-    group_by: tuple = ()
-    q: object = None
-    bins: object = None
-    mu: object = None
-    join: object = None
+Compare = qmod.Compare
 
 
 SCHEMA = Schema(
