@@ -252,7 +252,7 @@ def print_results(args: argparse.Namespace, results: Any, label: str) -> None:
     for a, b, c in rows:
         print(f"  {a:<{w0}}  {b:<{w1}}  {c:>8}")
     print(f"  {len(rep.nodes)} nodes, {rep.rounds} rounds, {rep.seconds:.2f} s, "
-          f"QKD key spent {_human(rep.key_spent_bytes)}B")
+          f"QKD key spent {_human(rep.key_spent_bytes)}")
 
 
 def _describe(q: Any) -> str:

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -286,7 +287,12 @@ def test_an_equi_join_across_two_owners(world):
     x = np.array([visits[k] for k in both], dtype=float)
     y = np.array([labs[k] for k in both])
     assert doc["rows"] == len(both) == 60 and _approx(doc["value"], np.corrcoef(x, y)[0, 1])
-    # without a grant on the other side, no join
+    # without a grant on the other side, no join; the owner may remove its table
+    assert cli(state, "table", "rm", "labs", sae="hospital-b").returncode == 0
+    assert "labs" not in {t["name"] for t in json.loads(cli(state, "table", "ls", "--json").stdout)}
+    res = cli(state, "table", "put", root / "labs.csv", "--name", "labs", "--schema", root / "labs.toml",
+              sae="hospital-b")
+    assert res.returncode == 0, res.stderr
     assert cli(state, "table", "revoke", "labs", "analyst", sae="hospital-b").returncode == 0
     one_line_error(cli(state, "stats", "count", "--table", "visits", "--join", "labs", "--on", "pid",
                        sae="analyst"), "grant")
@@ -303,15 +309,20 @@ def test_a_node_down_mid_query_fails_cleanly_and_the_rest_carry_on(world):
                              "patients_a,patients_b,patients_c",
                              sae="analyst")
 
+    audit = sqlite3.connect(live.node("s1").data / "tables.sqlite")
+    started = audit.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
     th = threading.Thread(target=run)
     th.start()
-    time.sleep(1.5)  # the CLI has started and the nodes are in the protocol's rounds
-    os.kill(victim.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while audit.execute("SELECT COUNT(*) FROM audit WHERE status = 'running'").fetchone()[0] == 0:
+        assert time.monotonic() < deadline and th.is_alive(), "the query never started"
+        time.sleep(0.01)
+    os.kill(victim.pid, signal.SIGKILL)  # the nodes are in the protocol's rounds (about 90 of them)
     th.join(300)
-    res = outcome["res"]
-    if res.returncode == 0:
-        pytest.skip("the query finished before the node was killed")  # pragma: no cover - timing
-    one_line_error(res)
+    one_line_error(outcome["res"])
+    (status,) = audit.execute("SELECT status FROM audit WHERE id > ? ORDER BY id LIMIT 1",
+                              (started,)).fetchone()
+    assert status.startswith("failed"), status
     w = np.concatenate([data[o]["weight"] for o in OWNERS])
     res = cli(state, "stats", "median", "weight", "--table", "patients_a,patients_b,patients_c", "--json",
               sae="analyst")
