@@ -246,6 +246,38 @@ def test_union_of_three_owners_and_sql(world):
     assert len(docs) == 4 and len(sex) == len(w)
 
 
+def test_cli_options_and_sql_cover_the_other_operations(world):
+    state, data, _ = world
+    d = data["hospital-a"]
+    w, h, age, smoker = d["weight"], d["height"], d["age"], d["smoker"]
+
+    def docs(*args: object) -> list[dict]:
+        res = cli(state, *args, "--json", sae="analyst")
+        assert res.returncode == 0, res.stderr
+        return [json.loads(line) for line in res.stdout.splitlines()]
+
+    (q,) = docs("stats", "quantile", "height", "--table", "patients_a", "--q", "0.25")
+    assert _approx(q["value"], np.quantile(h, 0.25))
+    hist = docs("stats", "histogram", "weight", "--table", "patients_a", "--bins", "20,60,80,250")
+    assert [b["value"] for b in hist] == np.histogram(w, bins=[20, 60, 80, 250])[0].tolist()
+    (t1,) = docs("stats", "ttest", "height", "--table", "patients_a", "--mu", "170")
+    assert _approx(t1["value"]["statistic"], sst.ttest_1samp(h, 170).statistic)
+    cells = docs("stats", "crosstab", "sex", "smoker", "--table", "patients_a", "--where", "age < 60")
+    young = age < 60
+    assert {(c["group"]["sex"], c["group"]["smoker"]): c["value"] for c in cells} == {
+        (s, str(b).lower()): int(np.sum(young & (d["sex"] == s) & (smoker == b)))
+        for s in ("M", "F") for b in (False, True)}
+    sql = docs("sql", "SELECT MEDIAN(weight), PERCENTILE_CONT(0.9) WITHIN GROUP (ORDER BY height), "
+               "CORR(height, weight), COVAR_SAMP(height, weight), MIN(age), MAX(age) FROM patients_a "
+               "WHERE smoker = true")
+    s_w, s_h, s_a = w[smoker], h[smoker], age[smoker]
+    want = [np.median(s_w), np.quantile(s_h, 0.9), np.corrcoef(s_h, s_w)[0, 1], np.cov(s_h, s_w)[0, 1],
+            s_a.min(), s_a.max()]
+    assert [doc["op"] for doc in sql] == ["median", "quantile", "corr", "cov", "min", "max"]
+    for doc, value in zip(sql, want, strict=True):
+        assert _approx(doc["value"], value) and doc["rows"] == smoker.sum()
+
+
 def test_queries_need_a_grant_and_only_owners_grant_or_remove(world):
     state, _, _ = world
     one_line_error(cli(state, "stats", "count", "--table", "patients_a", sae="hospital-b"), "grant")
