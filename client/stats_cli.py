@@ -85,6 +85,13 @@ def add_parsers(sub: Any) -> None:
     q.set_defaults(handler=run_sql)
 
 
+def _quiet_parser() -> None:
+    """sqlglot warns on stderr about some malformed input before our own one-line error: not on the CLI."""
+    import logging
+
+    logging.getLogger("sqlglot").setLevel(logging.ERROR)
+
+
 def _tables(args: argparse.Namespace, go: Any) -> Any:
     from client.storage import QStore
 
@@ -182,6 +189,7 @@ def query_of(args: argparse.Namespace) -> Any:
     """The Query the `qstore stats` arguments describe (QueryError/LocalError when they do not)."""
     from qstore.query import Join, Query, parse_where
 
+    _quiet_parser()
     tables = tuple(t.strip() for t in args.table.split(",") if t.strip())
     q = None
     if args.q is not None:
@@ -271,6 +279,7 @@ def run_stats(args: argparse.Namespace) -> int:
 def run_sql(args: argparse.Namespace) -> int:
     from qstore.query import parse_sql
 
+    _quiet_parser()
     queries = parse_sql(args.statement)
 
     async def go(tables: Any) -> list[Any]:
