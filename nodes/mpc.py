@@ -197,3 +197,61 @@ async def drive(protocol: Generator[Any, Any, Any], *, query_id: str, me: int, p
     finally:
         stats.seconds = time.perf_counter() - started
         protocol.close()
+
+
+class KeyPool:
+    """Keys fetched ahead for the small messages of MPC rounds to one peer.
+
+    Most rounds of a query carry a few hundred bytes; fetching their key
+    with ``enc_keys`` when the message is ready puts a KME round trip on the
+    critical path of every round. The pool holds whole keys of
+    :attr:`unit` bytes fetched in the background; a message that fits in
+    the pool takes whole keys (never a key another message uses: the
+    per-envelope rule of :mod:`qkd_sim.envelope_keys` holds, and the unused
+    rest of its last key is wiped with it). Larger messages fetch their own.
+    Refills run as tasks the pool owns; :meth:`close` cancels them.
+    """
+
+    def __init__(self, fetch: Callable[[int, int], Awaitable[list[Any]]], *, unit: int = 1024,
+                 depth: int = 32):
+        self._fetch = fetch  # (number, size_bits) -> keys
+        self.unit = unit
+        self.depth = depth
+        self._keys: list[Any] = []
+        self._refill: asyncio.Task[None] | None = None
+        self._failed = False
+
+    def _start_refill(self) -> None:
+        if self._refill is None or self._refill.done():
+            self._refill = asyncio.get_running_loop().create_task(self._fill())
+
+    async def _fill(self) -> None:
+        want = self.depth - len(self._keys)
+        if want <= 0:
+            return
+        try:
+            self._keys.extend(await self._fetch(want, 8 * self.unit))
+            self._failed = False
+        except Exception:  # the next message fetches its own key and reports the error
+            self._failed = True
+
+    def take(self, nbytes: int) -> list[Any] | None:
+        """Whole keys covering ``nbytes`` if the pool has them now (then refills), else None."""
+        count = -(-nbytes // self.unit)
+        if count > self.depth // 2:
+            return None
+        if len(self._keys) < count:
+            if not self._failed:
+                self._start_refill()
+            return None
+        taken, self._keys = self._keys[:count], self._keys[count:]
+        if len(self._keys) < self.depth // 2:
+            self._start_refill()
+        return taken
+
+    async def close(self) -> None:
+        if self._refill is not None:
+            self._refill.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._refill
+        self._keys = []  # QKDKey bytes are immutable: dropped, as envelope_keys drops its own
