@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     from client import cluster_cli
 
     cluster_cli.add_parsers(sub)
+    from client import ca_cli
+
+    ca_cli.add_parsers(sub)
     from client import storage_cli
 
     storage_cli.add_parsers(sub, parse_size)

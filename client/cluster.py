@@ -9,21 +9,39 @@ outlives the command that started it.
 
 State directory layout (all paths in ``cluster.json`` absolute)::
 
-    ca/ca.pem, ca/ca.key          development CA (kept across runs)
+    ca/ca.pem, ca/ca.key          the cluster CA (kept across runs; ca.key only where certificates
+                                  are issued)
+    ca/issued.json                what the CA issued (`qstore ca list`)
     certs/<id>.pem, <id>.key      KMEs (kme.<site>), nodes (node.<site>), client, gateway (kept)
     logs/<id>.log                 stdout and stderr of each process (truncated at each up)
     nodes/<site>/                 node data (kept)
-    secrets.json                  link and local seeds of this run (0600; new at each up, removed at down)
+    secrets.json                  link and local seeds of this run (0600; new at each up, removed at down;
+                                  across hosts: from `qstore cluster secrets`, with the links' epoch)
+    spent-seeds.json              across hosts: which sites' KMEs ran with which secrets (hashes)
     gateway/credentials.json      the S3 gateway's users and keys (0600; new at each up)
     cluster.json                  :class:`qstore.cluster.ClusterState`, plus a "links" section
                                   (:class:`qkd_sim.deploy.LinkState`) and a "gateway" section
-                                  (url, access_key, secret_key, pid, log, credentials; the file is
-                                  0600 then); removed at down
+                                  (url, metrics_url, access_key, secret_key, pid, log, credentials; the
+                                  file is 0600 then); removed at down
 
 With nodes, `up` also starts the S3 gateway (`qstore s3 serve`) on plain
 HTTP at 127.0.0.1 (S3 clients take ``--endpoint-url http://...``; the
 gateway is meant to run inside the site, beside its users), with a freshly
 generated access key pair.
+
+Across hosts (`up --only SITE`, :func:`up_site`): each host starts its own
+site's processes with the fixed ports of the cluster file, from a state
+directory holding the CA certificate (``ca/ca.pem``; ``ca.key`` only where
+certificates are issued: `qstore ca init|issue`, :func:`ca_init`,
+:func:`ca_issue`), the site's certificates, and the same ``secrets.json`` as
+every other host (`qstore cluster secrets`, :func:`new_secrets`: the link
+seeds and the common epoch, drawn once and copied). Its ``cluster.json``
+lists every process of the cluster, the other hosts' with pid null; several
+`up --only` may share one state directory (a file lock orders their writes).
+A KME must never start twice with the same seeds (it would hand out the same
+key again), so ``spent-seeds.json`` records which sites' KMEs have used which
+secrets, and `up --only` refuses a second start: draw new secrets, copy them,
+restart every site.
 
 Seeds are drawn anew at every `up`: a KME hands its key streams out from
 their start at every start, so a seed used by two runs would hand out the
@@ -37,6 +55,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import errno
+import fcntl
+import hashlib
 import json
 import logging
 import math
@@ -53,7 +74,7 @@ from typing import Any
 
 from qkd_sim import deploy, pki
 from qkd_sim.kme import KMEConfig
-from qkd_sim.network import Network
+from qkd_sim.network import Network, Site
 from qstore.cluster import (
     CLIENT_SAE,
     GATEWAY_SAE,
@@ -77,6 +98,9 @@ START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 2.0
 LOG_TAIL_LINES = 15
+DEFAULT_GATEWAY_PORT = 9000  # of `up --only`: every host must know where the gateway listens
+SPENT_FILE = "spent-seeds.json"
+CA_INDEX = "issued.json"
 _RENEW_BEFORE = datetime.timedelta(days=1)
 
 
@@ -110,6 +134,14 @@ class Layout:
     def state(self) -> Path:
         return self.root / STATE_FILE
 
+    @property
+    def spent(self) -> Path:
+        return self.root / SPENT_FILE
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
     def node_data(self, site: str) -> Path:
         return self.root / "nodes" / site
 
@@ -123,17 +155,28 @@ class Layout:
 # -- secrets ------------------------------------------------------------------------------------
 
 
-def write_secrets(path: Path, seeds: deploy.Seeds) -> None:
-    """Write the seeds readable by their owner only, atomically."""
-    tmp = path.with_suffix(".json.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, json.dumps(seeds.to_json()).encode())
+        os.fchmod(fd, mode)
+        os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def write_secrets(path: Path, seeds: deploy.Seeds, *, shared: dict[str, Any] | None = None) -> None:
+    """Write the seeds readable by their owner only, atomically.
+
+    ``shared``: the ``cluster`` name and ``epoch`` of secrets drawn once for
+    a cluster across hosts (`qstore cluster secrets`), kept beside the seeds.
+    """
+    doc = seeds.to_json()
+    if shared is not None:
+        doc["shared"] = shared
+    _write_atomic(path, json.dumps(doc).encode(), 0o600)
 
 
 def read_secrets(path: Path) -> deploy.Seeds:
@@ -147,49 +190,311 @@ def read_secrets(path: Path) -> deploy.Seeds:
     return deploy.Seeds.from_json(doc, str(path))
 
 
-# -- certificates -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SharedSecrets:
+    """The secrets every host of a cluster uses: seeds, the links' common epoch, and a fingerprint."""
+
+    seeds: deploy.Seeds
+    epoch: float
+    fingerprint: str  # names these seeds in spent-seeds.json (a hash: says nothing about them)
 
 
-def ensure_ca(layout: Layout) -> pki.CA:
-    """The state directory's CA: the one already there, else a new one."""
-    if (layout.ca_dir / "ca.pem").exists() and (layout.ca_dir / "ca.key").exists():
-        return pki.load_ca(layout.ca_dir)
-    return pki.create_ca(layout.ca_dir)
+def _fingerprint(seeds: deploy.Seeds) -> str:
+    return hashlib.sha256(json.dumps(seeds.to_json(), sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _usable(ca: pki.CA, cert_path: Path, key_path: Path, hosts: Iterable[str]) -> bool:
-    """Whether an existing certificate was issued by ``ca``, is valid a while longer and names ``hosts``."""
-    from cryptography import x509
-
+def read_shared_secrets(path: Path, net: Network) -> SharedSecrets:
+    """The secrets of `qstore cluster secrets` for ``net``; a clear error for any other file."""
+    copy_hint = (f"create them once with `qstore cluster secrets CONFIG` and copy {SECRETS_FILE} "
+                 "to every host's state directory")
     try:
-        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        cert.verify_directly_issued_by(ca.cert)
-        if not key_path.exists():
-            return False
-        now = datetime.datetime.now(datetime.UTC)
-        if cert.not_valid_after_utc < now + _RENEW_BEFORE:
-            return False
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = {str(v) for v in san.get_values_for_type(x509.IPAddress)}
-        names |= set(san.get_values_for_type(x509.DNSName))
-        return set(hosts) <= names
-    except Exception:  # unreadable, another CA's, no SAN: issue a new one
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise ClusterStateError(f"no {path.name} in {path.parent}: {copy_hint}") from None
+    except ValueError:
+        raise ClusterStateError(f"{path}: unreadable secrets file") from None
+    seeds = deploy.Seeds.from_json(doc, str(path))
+    shared = doc.get("shared") if isinstance(doc, dict) else None
+    if not isinstance(shared, dict) or not isinstance(shared.get("epoch"), int | float):
+        raise ClusterStateError(f"{path} was drawn by a single-host `qstore cluster up`: {copy_hint}")
+    if shared.get("cluster") != net.name:
+        raise ClusterStateError(f"{path} is cluster {shared.get('cluster')!r}'s, not {net.name!r}'s")
+    for link in net.links:
+        seeds.link(link.a, link.b)
+    if missing := [s.name for s in net.sites if s.name not in seeds.local]:
+        raise ClusterStateError(f"{path} has no seed for site {missing[0]}: the secrets are another "
+                                "cluster file's")
+    return SharedSecrets(seeds, float(shared["epoch"]), _fingerprint(seeds))
+
+
+def new_secrets(config: Path | None, root: Path, *, force: bool = False) -> dict[str, Any]:
+    """Draw the secrets of a cluster across hosts into ``root/secrets.json`` (once; copied to every host).
+
+    Refuses to replace an existing file unless ``force``: hosts may be using it.
+    """
+    config = (config or DEFAULT_CONFIG).absolute()
+    net = Network.from_toml(config)
+    path = Layout(root).secrets
+    if path.exists() and not force:
+        raise LocalError(f"{path} exists (hosts may use it): --force draws new secrets, which every "
+                         "site then needs (copy it, restart every site)")
+    root.mkdir(parents=True, exist_ok=True)
+    epoch = time.time()
+    seeds = deploy.Seeds.new(net)
+    write_secrets(path, seeds, shared={"cluster": net.name, "epoch": epoch})
+    return {"secrets": str(path), "cluster": net.name, "epoch": epoch, "links": len(net.links),
+            "sites": len(net.sites), "fingerprint": _fingerprint(seeds)}
+
+
+def _shared_unused(path: Path) -> bool:
+    """Whether ``path`` holds shared secrets (of `qstore cluster secrets`) that no run has started from yet:
+    copied to this host for a coming `up --only`, so `down` keeps them."""
+    try:
+        return isinstance(json.loads(path.read_bytes()).get("shared"), dict)
+    except (OSError, ValueError, AttributeError):
         return False
 
 
-def ensure_cert(ca: pki.CA, layout: Layout, name: str, kind: pki.Kind,
+def _spent(layout: Layout) -> dict[str, list[str]]:
+    try:
+        doc = json.loads(layout.spent.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        raise ClusterStateError(f"{layout.spent}: unreadable; it says which sites' KMEs used which "
+                                "secrets, so check it before removing it") from None
+    return doc if isinstance(doc, dict) else {}
+
+
+def _mark_spent(layout: Layout, fingerprint: str, site: str) -> None:
+    """Record that ``site``'s KME has run with these seeds (call with the state directory locked)."""
+    doc = _spent(layout)
+    sites = doc.setdefault(fingerprint, [])
+    if site not in sites:
+        sites.append(site)
+    _write_atomic(layout.spent, json.dumps(doc, indent=1).encode(), 0o644)
+
+
+@contextlib.contextmanager
+def _locked(layout: Layout) -> Iterator[None]:
+    """Hold the state directory's lock: `up --only` of several sites may share one state directory."""
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with open(layout.lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# -- certificates -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Authority:
+    """The cluster CA as a host holds it: its certificate, and its key only where certificates are issued."""
+
+    cert: Any  # x509.Certificate
+    cert_path: Path
+    issuer: pki.CA | None  # None: no ca.key here (a site's host): certificates come from `qstore ca issue`
+
+
+def load_authority(layout: Layout, *, create: bool) -> Authority:
+    """The state directory's CA: certificate and key, the certificate alone, or (``create``) a new CA."""
+    from cryptography import x509
+
+    pem, key = layout.ca_dir / "ca.pem", layout.ca_dir / "ca.key"
+    if pem.exists() and key.exists():
+        ca = pki.load_ca(layout.ca_dir)
+        return Authority(ca.cert, ca.cert_path, ca)
+    if pem.exists():
+        try:
+            return Authority(x509.load_pem_x509_certificate(pem.read_bytes()), pem, None)
+        except ValueError:
+            raise LocalError(f"{pem}: not a PEM certificate") from None
+    if key.exists():
+        raise LocalError(f"{key} has no ca.pem beside it: restore it, or `qstore ca init --force` (new CA)")
+    if not create:
+        raise LocalError(f"no CA in {layout.ca_dir}: create one with `qstore ca init`, or copy ca/ca.pem "
+                         "from the CA's host")
+    ca = pki.create_ca(layout.ca_dir)
+    return Authority(ca.cert, ca.cert_path, ca)
+
+
+def cert_facts(cert: Any) -> dict[str, Any]:
+    """Subject, kind (kme, node, sae), host names, serial and expiry of a certificate of this CA."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = x509.SubjectAlternativeName([])
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    hosts = [str(v) for v in san.get_values_for_type(x509.IPAddress)] + san.get_values_for_type(x509.DNSName)
+    try:
+        serves = ExtendedKeyUsageOID.SERVER_AUTH in cert.extensions.get_extension_for_class(
+            x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        serves = False
+    if any(u.startswith(pki.KME_URN) for u in uris):
+        kind = "kme"
+    elif any(u.startswith(pki.SAE_URN) for u in uris):
+        kind = "node" if serves else "sae"
+    else:
+        kind = "ca" if cert.issuer == cert.subject else "?"
+    return {"subject": str(cns[0].value) if cns else cert.subject.rfc4514_string(), "kind": kind,
+            "hosts": hosts, "serial": f"{cert.serial_number:x}",
+            "not_after": cert.not_valid_after_utc.isoformat(timespec="seconds")}
+
+
+def _problem(auth: Authority, cert_path: Path, key_path: Path, kind: str, hosts: Iterable[str]) -> str | None:
+    """Why a certificate on disk cannot serve as ``kind`` for ``hosts`` under this CA; None when it can."""
+    from cryptography import x509
+
+    if not cert_path.exists():
+        return "there is none"
+    if not key_path.exists():
+        return f"its key {key_path.name} is missing"
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        cert.verify_directly_issued_by(auth.cert)
+    except Exception:  # every failure means the same: issue a new one
+        return "it is unreadable or another CA's"
+    facts = cert_facts(cert)
+    if cert.not_valid_after_utc < datetime.datetime.now(datetime.UTC) + _RENEW_BEFORE:
+        return f"it expires {facts['not_after']}"
+    if facts["kind"] != kind:
+        return f"it is a {facts['kind']} certificate, not a {kind} one"
+    if missing := [h for h in hosts if h not in facts["hosts"]]:
+        return f"it does not name host {missing[0]}"
+    return None
+
+
+def _usable(auth: Authority, cert_path: Path, key_path: Path, hosts: Iterable[str], kind: str) -> bool:
+    return _problem(auth, cert_path, key_path, kind, hosts) is None
+
+
+def _record_issued(ca_dir: Path, cert_path: Path) -> None:
+    """Add a certificate to the CA's list of what it issued (``ca/issued.json``, for `qstore ca list`)."""
+    from cryptography import x509
+
+    index = ca_dir / CA_INDEX
+    entries = _issued(ca_dir)
+    facts = cert_facts(x509.load_pem_x509_certificate(cert_path.read_bytes()))
+    entries = [e for e in entries if e.get("serial") != facts["serial"]]
+    entries.append({**facts, "file": str(cert_path.absolute())})
+    _write_atomic(index, json.dumps(entries, indent=1).encode(), 0o644)
+
+
+def _issued(ca_dir: Path) -> list[dict[str, Any]]:
+    try:
+        doc = json.loads((ca_dir / CA_INDEX).read_bytes())
+    except FileNotFoundError:
+        return []
+    except ValueError:
+        raise LocalError(f"{ca_dir / CA_INDEX}: unreadable list of issued certificates") from None
+    return [e for e in doc if isinstance(e, dict)] if isinstance(doc, list) else []
+
+
+def ensure_cert(auth: Authority, layout: Layout, name: str, kind: pki.Kind,
                 hosts: Iterable[str]) -> tuple[Path, Path]:
-    """``(cert, key)`` of ``name``: reused when still good for this CA and these hosts, else issued."""
-    hosts = tuple(dict.fromkeys(hosts))
+    """``(cert, key)`` of ``name``: reused when good for this CA, its kind and ``hosts``, else issued.
+
+    Issued certificates name 127.0.0.1 and localhost besides ``hosts``. Where
+    the CA's key is not (a site's host), a missing or unusable certificate is
+    an error that says which `qstore ca issue` command makes it.
+    """
+    hosts = tuple(dict.fromkeys(hosts)) if kind != "sae" else ()
     cert, key = layout.cert(name)
-    if _usable(ca, cert, key, hosts if kind != "sae" else ()):
+    why = _problem(auth, cert, key, kind, hosts)
+    if why is None:
         return cert, key
-    ident = pki.issue(ca, name, layout.certs, kind=kind, hosts=hosts)
+    if auth.issuer is None:
+        flags = f" --kind {kind}" + "".join(f" --host {h}" for h in hosts)
+        raise LocalError(f"no usable certificate {cert} ({why}) and no CA key here to issue one: on the CA's "
+                         f"host run `qstore ca issue {name}{flags}` and copy {name}.pem and {name}.key "
+                         f"into {layout.certs}")
+    ident = pki.issue(auth.issuer, name, layout.certs, kind=kind,
+                      hosts=tuple(dict.fromkeys((*hosts, "127.0.0.1", "localhost"))))
+    _record_issued(layout.ca_dir, ident.cert)
     return ident.cert, ident.key
 
 
-def _hosts(host: str) -> tuple[str, ...]:
-    return (host, "127.0.0.1", "localhost")
+# -- the CA, offline (`qstore ca`) ----------------------------------------------------------------
+
+
+def ca_init(root: Path, *, force: bool = False, name: str = "qstore-dev-ca",
+            days: int = 3650) -> dict[str, Any]:
+    """Create the cluster CA in ``root/ca`` (refused where one exists, unless ``force``)."""
+    layout = Layout(root)
+    there = [p for p in (layout.ca_dir / "ca.pem", layout.ca_dir / "ca.key") if p.exists()]
+    if there and not force:
+        raise LocalError(f"a CA exists in {layout.ca_dir} (every certificate it issued depends on it): "
+                         "--force replaces it")
+    if not 1 <= days <= 36500:
+        raise LocalError("--days must be 1 to 36500")
+    (layout.ca_dir / CA_INDEX).unlink(missing_ok=True)
+    ca = pki.create_ca(layout.ca_dir, name=name, days=days)
+    return {**cert_facts(ca.cert), "cert": str(ca.cert_path), "key": str(ca.key_path)}
+
+
+def ca_issue(root: Path, name: str, *, kind: str | None = None, hosts: Iterable[str] = (),
+             out: Path | None = None, force: bool = False, days: int = 825) -> dict[str, Any]:
+    """Issue a certificate and key (mode 0600) for ``name`` into ``out`` (default ``root/certs``).
+
+    ``kind`` defaults from the ID: ``kme.*`` a KME, ``node.*`` a storage
+    node, anything else an SAE (a client). KME and node certificates name
+    the ``hosts`` they serve on; SAE certificates name none.
+    """
+    layout = Layout(root)
+    auth = load_authority(layout, create=False)
+    if auth.issuer is None:
+        raise LocalError(f"no CA key in {layout.ca_dir}: issue certificates on the CA's host")
+    kind = kind or ("kme" if name.startswith("kme.") else "node" if name.startswith("node.") else "sae")
+    if kind not in ("sae", "node", "kme"):
+        raise LocalError("--kind must be sae, node or kme")
+    hosts = tuple(dict.fromkeys(hosts))
+    if kind != "sae" and not hosts:
+        raise LocalError(f"a {kind} certificate names the hosts it serves on: give --host")
+    if kind == "sae" and hosts:
+        raise LocalError("an sae certificate names no hosts: drop --host (or give --kind node)")
+    if not 1 <= days <= 3650:
+        raise LocalError("--days must be 1 to 3650")
+    out = (out or layout.certs).absolute()
+    for path in (out / f"{name}.pem", out / f"{name}.key"):
+        if path.exists() and not force:
+            raise LocalError(f"{path} exists: --force replaces it")
+    ident = pki.issue(auth.issuer, name, out, kind=kind, hosts=hosts, days=days)  # type: ignore[arg-type]
+    _record_issued(layout.ca_dir, ident.cert)
+    from cryptography import x509
+
+    facts = cert_facts(x509.load_pem_x509_certificate(ident.cert.read_bytes()))
+    return {**facts, "cert": str(ident.cert), "key": str(ident.key), "ca": str(ident.ca)}
+
+
+def ca_list(root: Path) -> dict[str, Any]:
+    """The CA and what it issued: its own list, plus certificates of it found in ``root/certs``."""
+    from cryptography import x509
+
+    layout = Layout(root)
+    auth = load_authority(layout, create=False)
+    entries = {e.get("serial"): e for e in _issued(layout.ca_dir)}
+    for path in sorted(layout.certs.glob("*.pem")) if layout.certs.is_dir() else ():
+        try:
+            cert = x509.load_pem_x509_certificate(path.read_bytes())
+            cert.verify_directly_issued_by(auth.cert)
+        except Exception:  # not this CA's: not listed  # noqa: S112
+            continue
+        facts = cert_facts(cert)
+        entries.setdefault(facts["serial"], {**facts, "file": str(path)})
+    now = datetime.datetime.now(datetime.UTC)
+    issued = sorted(entries.values(), key=lambda e: (str(e.get("subject")), str(e.get("not_after"))))
+    for e in issued:
+        e["expired"] = datetime.datetime.fromisoformat(str(e["not_after"])) < now
+    return {"ca": {**cert_facts(auth.cert), "cert": str(auth.cert_path), "has_key": auth.issuer is not None},
+            "issued": issued}
 
 
 # -- processes ----------------------------------------------------------------------------------
@@ -204,9 +509,9 @@ def node_command(site: str, state: Path) -> list[str]:
     return [sys.executable, "-m", "client.cli", "node", "serve", "--site", site, "--state", str(state)]
 
 
-def gateway_command(state: Path, port: int, credentials: Path) -> list[str]:
+def gateway_command(state: Path, port: int, credentials: Path, host: str = "127.0.0.1") -> list[str]:
     return [sys.executable, "-m", "client.cli", "s3", "serve", "--state", str(state), "--port", str(port),
-            "--credentials", str(credentials)]
+            "--credentials", str(credentials), "--host", host]
 
 
 GATEWAY_ID = "gateway"
@@ -218,17 +523,28 @@ def gateway_of(state: ClusterState) -> dict[str, Any] | None:
     return gw if isinstance(gw, dict) and isinstance(gw.get("url"), str) else None
 
 
-def plan_gateway(layout: Layout) -> dict[str, Any]:
-    """A port, a fresh key pair (written 0600) and the ``gateway`` section for `up`."""
+def _http_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def plan_gateway(layout: Layout, host: str = "127.0.0.1", port: int = 0) -> dict[str, Any]:
+    """A port (``port``, else a free one), a new key pair (written 0600), the ``gateway`` section of `up`."""
     from client.s3 import users as s3users
 
     (layout.root / "gateway").mkdir(parents=True, exist_ok=True)
     creds = layout.root / "gateway" / "credentials.json"
     user = s3users.new_user("admin")
     s3users.write(creds, [user])
-    port = _free_ports(["127.0.0.1"])[0]
-    return {"url": f"http://127.0.0.1:{port}", "access_key": user.access_key, "secret_key": user.secret_key,
-            "credentials": str(creds), "log": str(layout.log(GATEWAY_ID)), "pid": None}
+    url = _http_url(host, port or _free_ports([host])[0])
+    return {"url": url, "access_key": user.access_key, "secret_key": user.secret_key,
+            "credentials": str(creds), "log": str(layout.log(GATEWAY_ID)), "pid": None,
+            "metrics_url": url + "/-/metrics"}
+
+
+def remote_gateway(host: str, port: int) -> dict[str, Any]:
+    """The ``gateway`` section for a gateway that another host runs (its keys stay there)."""
+    url = _http_url(host, port)
+    return {"url": url, "pid": None, "metrics_url": url + "/-/metrics"}
 
 
 def node_command_missing() -> str | None:
@@ -388,10 +704,27 @@ def links_of(state: ClusterState) -> list[deploy.LinkState]:
     return [deploy.LinkState.from_json(e, f"{state.path}: links[{i}]") for i, e in enumerate(raw)]
 
 
-def plan(net: Network, config: Path, root: Path, *, nodes: bool, epoch: float) -> ClusterState:
-    """Certificates, ports and the ``cluster.json`` of a new run (no pids yet); writes the certificates."""
+def check_fixed_ports(net: Network, source: Path | str, *, nodes: bool) -> None:
+    """Across hosts every process's address must be known in advance: no port 0 in the cluster file."""
+    for site in net.sites:
+        keys = ("kme_port", "node_port") if nodes and site.node else ("kme_port",)
+        for key in keys:
+            if not getattr(site, key):
+                raise LocalError(f"{source}: site {site.name} has no {key} (0 picks a free port, which other "
+                                 "hosts cannot know): --only needs fixed ports for every site")
+
+
+def plan(net: Network, config: Path, root: Path, *, nodes: bool, epoch: float, only: str | None = None,
+         authority: Authority | None = None) -> ClusterState:
+    """Certificates, ports and the ``cluster.json`` of a new run (no pids yet); writes the certificates.
+
+    ``only``: a site of a cluster across hosts. Only its certificates are
+    checked (and issued, where the CA's key is), ports are the cluster file's
+    (:func:`check_fixed_ports` first), and the other sites' processes are
+    listed with their URLs, no log and no data directory.
+    """
     layout = Layout(root)
-    ca = ensure_ca(layout)
+    auth = authority or load_authority(layout, create=True)
     node_sites = net.node_sites if nodes else ()
     want = [(s.host, s.kme_port) for s in net.sites] + [(s.host, s.node_port) for s in node_sites]
     free = iter(_free_ports([host for host, port in want if not port]))
@@ -399,27 +732,37 @@ def plan(net: Network, config: Path, root: Path, *, nodes: bool, epoch: float) -
     kme_ports = dict(zip([s.name for s in net.sites], ports[: len(net.sites)], strict=True))
     node_ports = dict(zip([s.name for s in node_sites], ports[len(net.sites):], strict=True))
 
+    def here(site: str) -> bool:
+        return only is None or site == only
+
     kmes = []
     for site in net.sites:
-        ensure_cert(ca, layout, kme_id(site.name), "kme", _hosts(site.host))
-        kmes.append(KMEInfo(id=kme_id(site.name), site=site.name, url=_url(site.host, kme_ports[site.name]),
-                            log=layout.log(kme_id(site.name))))
+        me, url = kme_id(site.name), _url(site.host, kme_ports[site.name])
+        if here(site.name):
+            ensure_cert(auth, layout, me, "kme", (site.host,))
+        kmes.append(KMEInfo(id=me, site=site.name, url=url, log=layout.log(me) if here(site.name) else None,
+                            metrics_url=url + "/metrics"))
     saes = []
     for sae, site_name in deploy.sae_sites(net).items():
         site = net.site(site_name)
         kind: pki.Kind = "node" if sae == node_sae_id(site_name) else "sae"
-        cert, key = ensure_cert(ca, layout, sae, kind, _hosts(site.host) if kind == "node" else ())
+        cert, key = layout.cert(sae)
+        # where the CA's key is not, a site needs its node's certificate; users' come when they need them
+        if here(site_name) and (auth.issuer is not None or (kind == "node" and nodes)):
+            cert, key = ensure_cert(auth, layout, sae, kind, (site.host,))
         saes.append(SAEInfo(id=sae, site=site_name, kme=kme_id(site_name), cert=cert, key=key))
     xs = deploy.node_xs(net)
     node_infos = []
     for site in node_sites:
-        data = layout.node_data(site.name)
-        data.mkdir(parents=True, exist_ok=True)
-        node_infos.append(NodeInfo(id=node_sae_id(site.name), site=site.name, x=xs[site.name],
-                                   url=_url(site.host, node_ports[site.name]), data=data,
-                                   log=layout.log(node_sae_id(site.name))))
+        data = layout.node_data(site.name) if here(site.name) else None
+        if data is not None:
+            data.mkdir(parents=True, exist_ok=True)
+        url = _url(site.host, node_ports[site.name])
+        log_path = layout.log(node_sae_id(site.name)) if here(site.name) else None
+        node_infos.append(NodeInfo(id=node_sae_id(site.name), site=site.name, x=xs[site.name], url=url,
+                                   data=data, log=log_path, metrics_url=url + "/metrics"))
     links = [lk.to_json() for lk in deploy.link_states(net, epoch)]
-    return ClusterState(directory=root, name=net.name, k=net.k, n=net.n, ca=ca.cert_path, config=config,
+    return ClusterState(directory=root, name=net.name, k=net.k, n=net.n, ca=auth.cert_path, config=config,
                         kmes=tuple(kmes), nodes=tuple(node_infos), saes=tuple(saes),
                         extra={"links": links, "started_at": epoch})
 
@@ -431,13 +774,21 @@ def _clear(layout: Layout) -> None:
 
 def _pids(state: ClusterState) -> list[int]:
     gw = gateway_of(state)
-    return [p.pid for p in (*state.kmes, *state.nodes) if p.pid] + ([gw["pid"]] if gw and gw["pid"] else [])
+    gw_pid = gw.get("pid") if gw else None
+    return [p.pid for p in (*state.kmes, *state.nodes) if p.pid] + ([gw_pid] if gw_pid else [])
+
+
+def _by_id(state: ClusterState) -> dict[str, tuple[str, int | None]]:
+    """Process ID → (site, pid) of every process ``cluster.json`` lists, the gateway included."""
+    out = {p.id: (p.site, p.pid) for p in (*state.kmes, *state.nodes)}
+    if (gw := gateway_of(state)) is not None:
+        site = next((s.site for s in state.saes if s.id == GATEWAY_SAE), "")
+        out[GATEWAY_ID] = (site, gw.get("pid"))
+    return out
 
 
 def _live(state: ClusterState) -> list[str]:
-    gw = gateway_of(state)
-    out = [p.id for p in (*state.kmes, *state.nodes) if is_ours(p.pid, state.directory)]
-    return out + ([GATEWAY_ID] if gw and is_ours(gw.get("pid"), state.directory) else [])
+    return [proc_id for proc_id, (_, pid) in _by_id(state).items() if is_ours(pid, state.directory)]
 
 
 def _existing(root: Path) -> ClusterState | None:
@@ -447,6 +798,31 @@ def _existing(root: Path) -> ClusterState | None:
         if (root / STATE_FILE).exists():
             raise ClusterStateError(f"{exc}: if no cluster runs there, remove the file") from None
         return None
+
+
+def _with_pids(state: ClusterState, pids: dict[str, int | None],
+               gateway: dict[str, Any] | None) -> ClusterState:
+    """``state`` with these processes' pids (and, when given, this gateway section)."""
+    def put(members: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(replace(m, pid=pids[m.id]) if m.id in pids else m for m in members)
+
+    extra = dict(state.extra)
+    gw = gateway if gateway is not None else gateway_of(state)
+    if gw is not None and GATEWAY_ID in pids:
+        gw = {**gw, "pid": pids[GATEWAY_ID]}
+    if gw is not None:
+        extra["gateway"] = gw
+    return replace(state, kmes=put(state.kmes), nodes=put(state.nodes), extra=extra)
+
+
+def _record_pids(layout: Layout, mine: ClusterState, pids: dict[str, int | None],
+                 gateway: dict[str, Any] | None) -> ClusterState:
+    """Write these pids into ``cluster.json`` as it is now (another `up --only` may have written it since)."""
+    with _locked(layout):
+        current = _existing(layout.root) or mine
+        state = _with_pids(current, pids, gateway)
+        state.save()
+    return state
 
 
 # -- health -------------------------------------------------------------------------------------
@@ -461,9 +837,20 @@ class Probe:
     body: dict[str, Any] = field(default_factory=dict)
 
 
+def _asking_cert(state: ClusterState) -> tuple[Path, Path]:
+    """A certificate of this host to ask with: the client's, else any SAE's or KME's that is here."""
+    layout = Layout(state.directory)
+    saes = sorted(state.saes, key=lambda s: s.id != CLIENT_SAE)
+    candidates = [(s.cert, s.key) for s in saes] + [layout.cert(k.id) for k in state.kmes]
+    for cert, key in candidates:
+        if cert.exists() and key.exists():
+            return cert, key
+    raise ClusterStateError(f"no certificate of cluster {state.name} in {layout.certs} to ask with")
+
+
 def _client_ssl(state: ClusterState) -> Any:
-    client = state.sae(CLIENT_SAE)
-    return pki.client_ssl_context(client.cert, client.key, state.ca)
+    cert, key = _asking_cert(state)
+    return pki.client_ssl_context(cert, key, state.ca)
 
 
 async def _probe(session: Any, url: str, expect: tuple[str, str]) -> Probe:
@@ -506,7 +893,7 @@ async def _wait_healthy(state: ClusterState, procs: dict[str, subprocess.Popen[b
 
     logs = {p.id: p.log for p in (*state.kmes, *state.nodes)}
     if (gw := gateway_of(state)) is not None:
-        logs[GATEWAY_ID] = Path(gw["log"])
+        logs[GATEWAY_ID] = Path(gw["log"]) if gw.get("log") else None
     pending = {pid: (kind, url, expect) for kind, pid, url, expect in _health_targets(state) if pid in procs}
     last: dict[str, str] = {}
     connector = aiohttp.TCPConnector(ssl=_client_ssl(state), force_close=True)
@@ -540,14 +927,28 @@ async def _wait_healthy(state: ClusterState, procs: dict[str, subprocess.Popen[b
 # -- the commands -------------------------------------------------------------------------------
 
 
+def _nodes_wanted(nodes: bool | None) -> bool:
+    if nodes is None:
+        missing = node_command_missing()
+        if missing is not None:
+            log.warning("starting the KMEs only: %s", missing)
+        return missing is None
+    return nodes
+
+
 def up(config: Path | None, root: Path, *, nodes: bool | None = None, gateway: bool = True,
-       timeout_s: float = START_TIMEOUT_S) -> ClusterState:
+       timeout_s: float = START_TIMEOUT_S, only: str | None = None,
+       gateway_port: int | None = None) -> ClusterState:
     """Start the cluster of ``config`` with its state in ``root``; return its state once all are healthy.
 
     ``nodes`` None: start nodes when `qstore node serve` exists; the S3
     gateway starts with the nodes unless ``gateway`` is False. Refuses when a
     cluster of ``root`` still runs; clears a dead one's state first.
+    ``only``: start that site's processes alone (:func:`up_site`).
     """
+    if only is not None:
+        return up_site(config, root, only, nodes=nodes, gateway=gateway, timeout_s=timeout_s,
+                       gateway_port=DEFAULT_GATEWAY_PORT if gateway_port is None else gateway_port)
     config = (config or DEFAULT_CONFIG).absolute()
     net = Network.from_toml(config)
     layout = Layout(root)
@@ -558,11 +959,7 @@ def up(config: Path | None, root: Path, *, nodes: bool | None = None, gateway: b
             raise LocalError(f"a cluster is already running in {root} ({len(live)} processes): "
                              "`qstore cluster down` first")
         _clear(layout)
-    if nodes is None:
-        missing = node_command_missing()
-        if missing is not None:
-            log.warning("starting the KMEs only: %s", missing)
-        nodes = missing is None
+    nodes = _nodes_wanted(nodes)
     root.mkdir(parents=True, exist_ok=True)
     state = plan(net, config, root, nodes=nodes, epoch=time.time())
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -578,7 +975,7 @@ def up(config: Path | None, root: Path, *, nodes: bool | None = None, gateway: b
                 procs[m.id] = _spawn(cmd, layout.log(m.id), root)
             state = replace(state, **{phase: tuple(replace(m, pid=procs[m.id].pid) for m in members)})
             if phase == "nodes" and nodes and gateway:  # beside the nodes: it needs them only per request
-                gw = plan_gateway(layout)
+                gw = plan_gateway(layout, port=gateway_port or 0)
                 cmd = gateway_command(root, _port_of(gw["url"]), Path(gw["credentials"]))
                 procs[GATEWAY_ID] = _spawn(cmd, layout.log(GATEWAY_ID), root)
                 gw["pid"] = procs[GATEWAY_ID].pid
@@ -594,6 +991,114 @@ def up(config: Path | None, root: Path, *, nodes: bool | None = None, gateway: b
     return state
 
 
+def _check_listenable(site: Site) -> None:
+    """Refuse early when ``site``'s host is no address of this machine (its processes could not listen)."""
+    try:
+        infos = socket.getaddrinfo(site.host, 0, type=socket.SOCK_STREAM)
+    except OSError:
+        raise LocalError(f"site {site.name}: cannot resolve its host {site.host!r}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((addr[0], 0))
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise LocalError(f"site {site.name}'s host {site.host} is not an address of this machine: "
+                                 "start each site on its own host") from None
+            raise
+
+
+def up_site(config: Path | None, root: Path, site: str, *, nodes: bool | None = None, gateway: bool = True,
+            gateway_port: int = DEFAULT_GATEWAY_PORT, timeout_s: float = START_TIMEOUT_S) -> ClusterState:
+    """Start one site's processes of a cluster across hosts: its KME, its node, and the S3 gateway when it
+    is the gateway's site (listening on the site's host at ``gateway_port``).
+
+    Needs fixed ports in the cluster file, the CA's certificate in ``root/ca``,
+    the site's certificates (issued here when the CA's key is here) and the
+    shared ``secrets.json``. ``cluster.json`` lists every process of the
+    cluster; those of other sites (unless started from this same state
+    directory) with pid null. Returns that state once the site is healthy.
+    """
+    config = (config or DEFAULT_CONFIG).absolute()
+    net = Network.from_toml(config)
+    me = net.site(site)
+    nodes = _nodes_wanted(nodes)
+    check_fixed_ports(net, config, nodes=nodes)
+    if not 0 < gateway_port <= 65535:
+        raise LocalError("the gateway port must be 1 to 65535")
+    _check_listenable(me)
+    layout = Layout(root)
+    secrets = read_shared_secrets(layout.secrets, net)
+    auth = load_authority(layout, create=False)
+    gw_site = net.client_site
+    runs_gateway = nodes and gateway and gw_site.name == me.name
+    mine = {kme_id(me.name)} | ({node_sae_id(me.name)} if nodes and me.node else set())
+    mine |= {GATEWAY_ID} if runs_gateway else set()
+    with _locked(layout):
+        old = _existing(root)
+        state = plan(net, config, root, nodes=nodes, epoch=secrets.epoch, only=me.name, authority=auth)
+        gw: dict[str, Any] | None = None
+        if runs_gateway:
+            ensure_cert(auth, layout, GATEWAY_SAE, "sae", ())
+            gw = plan_gateway(layout, me.host, gateway_port)
+            state = replace(state, extra={**state.extra, "gateway": gw})
+        elif nodes and gateway:
+            gw_there = remote_gateway(gw_site.host, gateway_port)
+            state = replace(state, extra={**state.extra, "gateway": gw_there})
+        if old is not None:
+            live = set(_live(old))
+            if running := sorted(live & mine):
+                raise LocalError(f"site {me.name} already runs from {root} ({', '.join(running)}): "
+                                 f"`qstore cluster down --only {me.name}` first")
+            if live and (old.config != config or old.extra.get("started_at") != secrets.epoch):
+                raise LocalError(f"another cluster runs from {root} ({len(live)} processes): "
+                                 "`qstore cluster down` first")
+            old_pids = _by_id(old)
+            state = _with_pids(state, {i: old_pids[i][1] for i in live}, gateway_of(old) if GATEWAY_ID in live
+                               else None)
+        if me.name in _spent(layout).get(secrets.fingerprint, []):
+            raise LocalError(f"site {me.name}'s KME has run with {layout.secrets} already and would hand "
+                             "out the same keys again: draw new ones with `qstore cluster secrets --force`, "
+                             "copy them to every host and restart every site")
+        state.save()
+    before = {i: pid for i, (_, pid) in _by_id(state).items() if i in mine}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        deadline = time.monotonic() + timeout_s
+        me_kme = kme_id(me.name)
+        procs[me_kme] = _spawn(kme_command(config, me.name, root), layout.log(me_kme), root)
+        state = _record_pids(layout, state, {me_kme: procs[me_kme].pid}, None)
+        asyncio.run(_wait_healthy(state, procs, deadline, timeout_s))
+        with _locked(layout):
+            _mark_spent(layout, secrets.fingerprint, me.name)
+        later: dict[str, int | None] = {}
+        if nodes and me.node:
+            node = node_sae_id(me.name)
+            procs[node] = _spawn(node_command(me.name, root), layout.log(node), root)
+            later[node] = procs[node].pid
+        if gw is not None:
+            cmd = gateway_command(root, gateway_port, Path(gw["credentials"]), me.host)
+            procs[GATEWAY_ID] = _spawn(cmd, layout.log(GATEWAY_ID), root)
+            later[GATEWAY_ID] = procs[GATEWAY_ID].pid
+        if later:
+            state = _record_pids(layout, state, later, gw)
+            asyncio.run(_wait_healthy(state, procs, deadline, timeout_s))
+    except BaseException:
+        _stop_children(procs.values(), timeout_s=3.0)
+        with contextlib.suppress(Exception), _locked(layout):
+            current = _existing(root)
+            if current is not None:
+                current = _with_pids(current, {i: before.get(i) for i in procs}, None)
+                if _live(current):
+                    current.save()
+                else:
+                    layout.state.unlink(missing_ok=True)  # secrets.json stays: it is the hosts' shared copy
+        raise
+    for p in procs.values():
+        p.returncode = 0  # detached on purpose
+    return state
+
+
 @dataclass(frozen=True)
 class Stopped:
     state_dir: Path
@@ -601,35 +1106,48 @@ class Stopped:
     was_running: bool  # whether there was a cluster state at all
 
 
-def down(root: Path, *, timeout_s: float = STOP_TIMEOUT_S) -> Stopped:
-    """Stop every process of the cluster in ``root``; keep the CA, certificates, logs and node data."""
+def down(root: Path, *, timeout_s: float = STOP_TIMEOUT_S, only: str | None = None) -> Stopped:
+    """Stop the processes of the cluster that run from ``root`` (``only``: that site's alone); keep the CA,
+    certificates, logs and node data.
+
+    Processes of other hosts (pid null) are not touched. Once none of
+    ``root`` runs, ``cluster.json`` and ``secrets.json`` are removed (seeds
+    are never used twice).
+    """
     layout = Layout(root)
-    state = _existing(root)
-    if state is None:
-        layout.secrets.unlink(missing_ok=True)
-        return Stopped(root, (), False)
-    by_pid = {p.pid: p.id for p in (*state.kmes, *state.nodes) if p.pid}
-    if (gw := gateway_of(state)) is not None and gw.get("pid"):
-        by_pid[gw["pid"]] = GATEWAY_ID
-    stopped = _stop(_pids(state), root, timeout_s)
-    _clear(layout)
-    return Stopped(root, tuple(by_pid[pid] for pid in stopped), True)
+    with _locked(layout) if root.exists() else contextlib.nullcontext():
+        state = _existing(root)
+        if state is None:
+            if not _shared_unused(layout.secrets):
+                layout.secrets.unlink(missing_ok=True)
+            return Stopped(root, (), False)
+        procs = _by_id(state)
+        if only is not None and only not in {site for site, _ in procs.values()}:
+            raise LocalError(f"cluster {state.name} has no site {only!r} here "
+                             f"(sites: {', '.join(dict.fromkeys(site for site, _ in procs.values()))})")
+        chosen = {pid: proc_id for proc_id, (site, pid) in procs.items() if pid and only in (None, site)}
+        stopped = _stop(chosen, root, timeout_s)
+        if not _live(state):
+            _clear(layout)
+    return Stopped(root, tuple(chosen[pid] for pid in stopped), True)
 
 
 async def _status(state: ClusterState) -> dict[str, Any]:
     import aiohttp
 
     processes = []
+    gw = gateway_of(state) or {}
     for kind, proc_id, url, expect in _health_targets(state):
         if kind == "gateway":
-            gw = gateway_of(state) or {}
-            site, pid, purl = state.sae(GATEWAY_SAE).site, gw.get("pid"), gw.get("url", "")
+            site, pid, purl, murl = state.sae(GATEWAY_SAE).site, gw.get("pid"), gw.get("url", ""), \
+                gw.get("metrics_url")
         else:
             info = state.kme(proc_id) if kind == "kme" else state.node(proc_id)
-            site, pid, purl = info.site, info.pid, info.url
-        processes.append({"kind": kind, "id": proc_id, "site": site, "pid": pid,
-                          "alive": is_ours(pid, state.directory), "url": purl,
-                          "health": None, "_probe": (url, expect)})
+            site, pid, purl, murl = info.site, info.pid, info.url, info.metrics_url
+        local = pid is not None
+        processes.append({"kind": kind, "id": proc_id, "site": site, "pid": pid, "local": local,
+                          "alive": is_ours(pid, state.directory) if local else None, "url": purl,
+                          "metrics_url": murl, "health": None, "reachable": None, "_probe": (url, expect)})
     links = links_of(state)
     connector = aiohttp.TCPConnector(ssl=_client_ssl(state), force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -639,6 +1157,7 @@ async def _status(state: ClusterState) -> dict[str, Any]:
     for proc, probe in zip(processes, probes, strict=True):
         del proc["_probe"]
         proc["health"] = probe.detail  # asked even when the recorded pid is gone: one may run by hand
+        proc["reachable"] = probe.ok
     figures: dict[tuple[str, str], dict[str, Any]] = {}
     for k, probe in zip(state.kmes, pools, strict=True):
         for entry in probe.body.get("links", []) if probe.ok else []:
@@ -657,12 +1176,14 @@ async def _status(state: ClusterState) -> dict[str, Any]:
 
 
 def status(root: Path) -> dict[str, Any]:
-    """Each process (alive? healthy?) and each link's pools in both directions, as the KMEs report them."""
+    """Each process (local: alive?; remote: reachable?; healthy?) and each link's pools in both directions,
+    as the KMEs report them."""
     return asyncio.run(_status(ClusterState.load(root)))
 
 
 def healthy(report: dict[str, Any]) -> bool:
-    return all(p["alive"] and p["health"] == "ok" for p in report["processes"])
+    """Every local process alive and every process, local or remote, answering its health check."""
+    return all((p["alive"] or not p.get("local", True)) and p["health"] == "ok" for p in report["processes"])
 
 
 # -- one KME ------------------------------------------------------------------------------------

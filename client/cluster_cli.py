@@ -1,4 +1,4 @@
-"""`qstore cluster up|status|down` and `qstore kme serve`: the local cluster from the command line.
+"""`qstore cluster up|status|down|secrets` and `qstore kme serve`: a cluster from the command line.
 
 Parsers only; the work is in :mod:`client.cluster`, imported when a command
 runs so that building the parser stays cheap for every other command.
@@ -19,14 +19,21 @@ def _state_arg(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub: Any) -> None:
-    c = sub.add_parser("cluster", help="a whole cluster on this machine: up, status, down")
+    c = sub.add_parser("cluster", help="a cluster, or one site of it: up, status, down, secrets")
     cs = c.add_subparsers(dest="cluster_command", metavar="CLUSTER_COMMAND")
     cs.required = True
 
     u = cs.add_parser("up", help="start every KME and node of a cluster file, wait until all are healthy")
     u.add_argument("config", type=Path, nargs="?", help="cluster file (default: deploy/local.toml)")
     _state_arg(u)
+    u.add_argument("--only", metavar="SITE",
+                   help="start only this site's processes (KME, node, the S3 gateway at its site), on the "
+                        "fixed ports of the cluster file, with the CA, certificates and secrets.json in the "
+                        "state directory: one host of a cluster across hosts")
     u.add_argument("--no-nodes", action="store_true", help="start the KMEs only")
+    u.add_argument("--no-gateway", action="store_true", help="do not start the S3 gateway")
+    u.add_argument("--gateway-port", type=int, metavar="PORT",
+                   help="S3 gateway port (default: a free one; with --only 9000, the same on every host)")
     u.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for health (default 30)")
     u.add_argument("--json", action="store_true", help="print cluster.json instead of a table")
     u.set_defaults(handler=run_up)
@@ -36,11 +43,22 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--json", action="store_true")
     s.set_defaults(handler=run_status)
 
-    d = cs.add_parser("down", help="stop every process of the cluster (keeps certificates and node data)")
+    d = cs.add_parser("down", help="stop the processes started from the state directory (keeps certificates "
+                                   "and node data; other hosts' processes are not touched)")
     _state_arg(d)
+    d.add_argument("--only", metavar="SITE", help="stop this site's processes only")
     d.add_argument("--timeout", type=float, default=10.0, help="seconds before SIGKILL (default 10)")
     d.add_argument("--json", action="store_true")
     d.set_defaults(handler=run_down)
+
+    e = cs.add_parser("secrets", help="draw the link seeds of a cluster across hosts, once: copy the file "
+                                      "(STATE/secrets.json) with ca/ca.pem to every host")
+    e.add_argument("config", type=Path, nargs="?", help="cluster file (default: deploy/local.toml)")
+    _state_arg(e)
+    e.add_argument("--force", action="store_true",
+                   help="replace an existing secrets.json (every site then needs the new one)")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(handler=run_secrets)
 
     k = sub.add_parser("kme", help="key management entity process")
     ks = k.add_subparsers(dest="kme_command", metavar="KME_COMMAND")
@@ -62,7 +80,8 @@ def run_up(args: argparse.Namespace) -> int:
     if nodes and (missing := cluster.node_command_missing()) is not None:
         print(f"qstore: starting the KMEs only: {missing}", file=sys.stderr)
         nodes = False
-    state = cluster.up(args.config, root, nodes=nodes, timeout_s=args.timeout)
+    state = cluster.up(args.config, root, nodes=nodes, gateway=not args.no_gateway, timeout_s=args.timeout,
+                       only=args.only, gateway_port=args.gateway_port)
     if args.json:
         print(json.dumps({**state.to_json(), "state": str(root)}))
         return 0
@@ -70,14 +89,16 @@ def run_up(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"cluster {state.name}: k = {state.k}, n = {state.n}")
-    for col in ("site", "KME", "node"):
+    for col in ("site", "KME", "node") + (("runs",) if args.only else ()):
         table.add_column(col)
     for row in cluster.summary(state):
-        table.add_row(*row)
+        table.add_row(*row, *(("here" if row[0] == args.only else "elsewhere",) if args.only else ()))
     Console().print(table)
     gw = cluster.gateway_of(state)
-    if gw is not None:
+    if gw is not None and gw.get("pid"):
         print(f"S3 gateway: {gw['url']}  (keys: `qstore s3 credentials`)")
+    elif gw is not None:
+        print(f"S3 gateway: {gw['url']}  (on another host)")
     print(f"state: {root}  (`qstore cluster status`, `qstore cluster down`)")
     return 0
 
@@ -99,7 +120,11 @@ def run_status(args: argparse.Namespace) -> int:
     for col in ("process", "pid", "alive", "url", "health"):
         procs.add_column(col, no_wrap=True)
     for p in report["processes"]:
-        procs.add_row(p["id"], str(p["pid"] or "-"), "yes" if p["alive"] else "NO", p["url"], p["health"])
+        if p.get("local", True):
+            alive, health = ("yes" if p["alive"] else "NO"), p["health"]
+        else:  # another host's: only its health endpoint tells
+            alive, health = "remote", "reachable" if p["reachable"] else f"UNREACHABLE: {p['health']}"
+        procs.add_row(p["id"], str(p["pid"] or "-"), alive, p["url"], health)
     console.print(procs)
     links = Table(title="QKD links: key in the pool of each direction, and key handed out")
     for col in ("link a-b", "rate", "pool a→b", "pool b→a", "sent a→b", "sent b→a"):
@@ -117,7 +142,7 @@ def run_down(args: argparse.Namespace) -> int:
     from client import cluster
     from qstore.cluster import state_dir
 
-    result = cluster.down(state_dir(args.state), timeout_s=args.timeout)
+    result = cluster.down(state_dir(args.state), timeout_s=args.timeout, only=args.only)
     if args.json:
         print(json.dumps({"state": str(result.state_dir), "was_running": result.was_running,
                           "stopped": list(result.stopped)}))
@@ -126,6 +151,21 @@ def run_down(args: argparse.Namespace) -> int:
     else:
         print(f"stopped {len(result.stopped)} processes; certificates and node data stay in "
               f"{result.state_dir}")
+    return 0
+
+
+def run_secrets(args: argparse.Namespace) -> int:
+    from client import cluster
+    from qstore.cluster import state_dir
+
+    made = cluster.new_secrets(args.config, state_dir(args.state), force=args.force)
+    if args.json:
+        print(json.dumps(made))
+        return 0
+    print(f"wrote {made['secrets']} (mode 0600): seeds of {made['links']} links and {made['sites']} sites of "
+          f"cluster {made['cluster']}")
+    print("copy it, with ca/ca.pem, into the state directory of every host, then `qstore cluster up CONFIG "
+          "--only SITE` there; a site never starts twice with the same secrets")
     return 0
 
 

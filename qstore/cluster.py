@@ -11,15 +11,23 @@ Shape (``format`` 1; unknown keys are kept out, missing ones are an error)::
     {"format": 1, "name": "local", "config": "/abs/deploy/local.toml",
      "k": 3, "n": 5, "ca": "/abs/.qstore/ca/ca.pem",
      "kmes":  [{"id": "kme.site1", "site": "site1", "url": "https://127.0.0.1:40001",
-                "pid": 4242, "log": "/abs/.qstore/logs/kme.site1.log"}, ...],
+                "pid": 4242, "log": "/abs/.qstore/logs/kme.site1.log",
+                "metrics_url": "https://127.0.0.1:40001/metrics"}, ...],
      "nodes": [{"id": "node.site1", "site": "site1", "x": 1, "url": "https://127.0.0.1:40011",
-                "pid": 4243, "data": "/abs/.qstore/nodes/site1", "log": "..."}, ...],
+                "pid": 4243, "data": "/abs/.qstore/nodes/site1", "log": "...",
+                "metrics_url": "https://127.0.0.1:40011/metrics"}, ...],
      "saes":  [{"id": "node.site1", "site": "site1", "kme": "kme.site1",
                 "cert": "/abs/.qstore/certs/node.site1.pem", "key": "..."},
                {"id": "client", ...}, {"id": "gateway", ...}],
      "links": [{"a": "site1", "b": "site2", "rate_bps": null, "capacity_bits": 8589934592,
                 "initial_bits": null, "epoch": 1795000000.0}, ...],
      "started_at": 1795000000.0}
+
+``pid`` is null for a process that runs on another host (`qstore cluster up
+--only SITE` lists the other sites' processes with their URLs from the
+cluster file); ``log`` and ``data`` are null there too. ``metrics_url`` is
+where a process serves its Prometheus metrics; files written before it
+existed have none (read as None).
 
 ``nodes`` lists the nodes that were started (none with ``--no-nodes``);
 ``n`` counts every node site of the cluster file all the same. ``links`` and
@@ -92,8 +100,9 @@ class KMEInfo:
     id: str
     site: str
     url: str
-    pid: int | None = None
+    pid: int | None = None  # None: not started from this state directory (another host's)
     log: Path | None = None
+    metrics_url: str | None = None  # None in files written before metrics existed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,6 +114,7 @@ class NodeInfo:
     pid: int | None = None
     data: Path | None = None
     log: Path | None = None
+    metrics_url: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -244,6 +254,8 @@ class ClusterState:
                     raise ClusterStateError(f"{source}: {name}[{i}]: {exc}") from None
                 if hasattr(item, "url"):
                     _check_url(item.url, f"{source}: {name}[{i}]")
+                if getattr(item, "metrics_url", None) is not None:
+                    _check_url(item.metrics_url, f"{source}: {name}[{i}]: metrics_url")
                 out.append(item)
             return tuple(out)
 
