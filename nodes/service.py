@@ -31,6 +31,8 @@ with the status the error carries)::
     GET    /v1/chunk?bucket=&key=&object_id=&version=&index=&cipher=   a sealed share frame
     POST   /v1/admin/gc                     {"staging_ttl_s"?}: collect stale staging now
     POST   /v1/admin/scrub                  re-check share digests now
+    GET    /metrics                         Prometheus text format, any cluster certificate
+                                            (names: :class:`qstore.telemetry.NodeMetrics`)
 """
 
 from __future__ import annotations
@@ -54,11 +56,11 @@ from nodes import mpc as runtime
 from nodes.mpc import Mailbox, QueryFailed
 from nodes.store import Store, Upload, Version
 from nodes.tables import TableInfo, TableStore, TableUpload, check_sae, check_table_name
-from qkd_sim import pki
+from qkd_sim import observability, pki
 from qkd_sim.envelope_keys import envelope_keys, opening_keys
 from qkd_sim.kme import caller_of
 from qkd_sim.sae import KMEError, SAEClient, SAEConfig
-from qstore import otp
+from qstore import otp, telemetry
 from qstore.cluster import ClusterState, node_sae_id
 from qstore.errors import Forbidden, LocalError, QStoreError, RemoteError, SealError
 from qstore.framing import HEADER_SIZE, split_frame
@@ -145,6 +147,7 @@ STATS = web.AppKey("stats", dict)
 TABLES = web.AppKey("tables", TableStore)
 MAILBOX = web.AppKey("mailbox", Mailbox)
 PEER_SESSION = web.AppKey("peer_session", aiohttp.ClientSession)
+METRICS = web.AppKey("metrics", telemetry.NodeMetrics)
 
 
 def _json(obj: object, status: int = 200) -> web.Response:
@@ -165,12 +168,15 @@ async def _errors(request: web.Request,
     try:
         return await handler(request)
     except QStoreError as exc:
+        observability.note_error(request, type(exc).__name__)
         return _json({"error": type(exc).__name__, "message": str(exc)}, exc.status)
     except web.HTTPRequestEntityTooLarge:
+        observability.note_error(request, "TooLarge")
         return _json({"error": "TooLarge", "message": "request body too long"}, 413)
     except web.HTTPException:
         raise
     except Exception:
+        observability.note_error(request, "InternalError")
         log.exception("node %s: internal error on %s %s", request.app[CONFIG].site, request.method,
                       request.path)
         return _json({"error": "InternalError", "message": "internal error"}, 500)
@@ -712,6 +718,8 @@ async def _mpc_query(request: web.Request) -> web.Response:
         raise
     finally:
         mailbox.close(query_id)
+        request.app[METRICS].query_done(ok=status == "ok", key_spent=run.key_spent, rounds=run.rounds,
+                                        bytes_sent=run.bytes_sent, seconds=run.seconds)
         await asyncio.to_thread(tables.audit_end, entry, status, run.key_spent)
     log.info("query %s by %s on %s: %s, %d rounds, %d bytes sent, %d key bytes, %.3f s (compute %.3f, "
              "send %.3f, wait %.3f)", query_id, caller, ",".join(names), status, run.rounds, run.bytes_sent,
@@ -787,11 +795,29 @@ async def _every(interval_s: float, job: Callable[[], object], name: str) -> Non
             log.exception("%s failed", name)
 
 
+def _peer_values(app: web.Application) -> telemetry.Values:
+    """Key and envelope bytes per peer SAE (:data:`qstore.telemetry.NODE_FAMILIES`), from app[STATS]."""
+    key, link = [], []
+    for peer, figures in sorted(app[STATS].items()):
+        for direction in ("in", "out"):
+            key.append(((peer, direction), figures[f"key_{direction}"]))
+            link.append(((peer, direction), figures[f"bytes_{direction}"]))
+    return {telemetry.NODE_KEY.name: key, telemetry.NODE_LINK.name: link}
+
+
+async def _store_figures(app: web.Application) -> None:
+    """Before a scrape: the store's figures (a few SQL counts, in a worker thread)."""
+    if STORE in app:
+        app[METRICS].set_store(await asyncio.to_thread(app[STORE].stats))
+
+
 def create_app(config: NodeConfig) -> web.Application:
     """The node's aiohttp application (TLS is the server's: see :func:`start` and :func:`serve`)."""
     app = web.Application(middlewares=[_errors], client_max_size=MAX_ENVELOPE)
     app[CONFIG] = config
     app[STATS] = {}
+    app[METRICS] = telemetry.NodeMetrics(config.sae_id, lambda: _peer_values(app))
+    observability.install(app, app[METRICS], before_scrape=_store_figures)
     app.cleanup_ctx.append(_resources)
     r = app.router
     r.add_get("/v1/health", _health)
@@ -857,8 +883,8 @@ async def start(config: NodeConfig) -> RunningNode:
 
 
 def serve(config: NodeConfig) -> None:
-    """Run one node until SIGTERM/SIGINT (blocking; for a standalone process)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    """Run one node until SIGTERM/SIGINT (blocking; for a standalone process); logs: JSON lines on stderr."""
+    telemetry.configure_json_logging(static={"service": "node", "instance": config.sae_id})
     web.run_app(
         create_app(config), host=config.host, port=config.port,
         ssl_context=pki.server_ssl_context(config.cert, config.key, config.ca), access_log=None,

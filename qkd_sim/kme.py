@@ -18,6 +18,8 @@ Routes::
     POST      /kme/v1/relay                           KME to KME: one relay envelope
     GET       /kme/v1/links                           read-only pool figures of each QKD link
     GET       /health
+    GET       /metrics                                Prometheus text format, any cluster certificate
+                                                      (names: :class:`qstore.telemetry.KMEMetrics`)
 
 Key relay: when the slave SAE's KME is reached through others
 (``KMEConfig.routes``), ``enc_keys`` answers only after the next hop (at
@@ -49,7 +51,7 @@ from typing import TypeVar
 import aiohttp
 from aiohttp import web
 
-from qkd_sim import pki, relay
+from qkd_sim import observability, pki, relay
 from qkd_sim.etsi014 import (
     JSON_PIECE,
     MAX_REQUEST_BYTES,
@@ -64,6 +66,7 @@ from qkd_sim.etsi014 import (
 from qkd_sim.etsi014 import Error as EtsiErrorBody
 from qkd_sim.pool import LinkConfig
 from qkd_sim.relay import RelayFailed, RelayKME, RelayStep
+from qstore import telemetry
 from qstore._memory import keep_freed_heap
 from qstore.errors import LocalError, QStoreError
 
@@ -149,6 +152,7 @@ CORE = web.AppKey("core", KMECore)
 KME = web.AppKey("kme", RelayKME)
 SESSION = web.AppKey("relay_session", aiohttp.ClientSession)
 PEER_SSL = web.AppKey("peer_ssl", dict[str, ssl.SSLContext])
+METRICS = web.AppKey("metrics", telemetry.KMEMetrics)
 
 T = TypeVar("T")
 
@@ -193,15 +197,18 @@ async def _etsi_errors(
     try:
         return await handler(request)
     except QStoreError as exc:
+        observability.note_error(request, type(exc).__name__)
         if exc.status == 401:
             return web.Response(status=401)
         status = exc.status if exc.status in (400, 503) else 400 if 400 <= exc.status < 500 else 503
         return _error(status, exc)
     except web.HTTPRequestEntityTooLarge:
+        observability.note_error(request, "RequestTooLarge")
         return _error(400, f"request body longer than {MAX_REQUEST_BYTES} bytes")
     except web.HTTPException:
         raise
     except Exception:
+        observability.note_error(request, "InternalError")
         kme_id = request.app[CONFIG].kme_id
         log.exception("KME %s: internal error on %s %s", kme_id, request.method, request.path)
         return _error(503, "internal error")
@@ -304,6 +311,7 @@ async def _enc_keys(request: web.Request) -> web.Response:
     container = kme.enc_keys(caller, request.match_info["slave_SAE_ID"], key_request, now)
     if isinstance(container, RelayStep):
         container = await _send_relay(request.app, container)
+    _delivered(request, caller, request.match_info["slave_SAE_ID"], "enc", container)
     return await _keys(request, container)
 
 
@@ -316,7 +324,15 @@ async def _dec_keys(request: web.Request) -> web.Response:
         key_ids = KeyIDs.from_query(request.query)
     now = request.app[CONFIG].clock()
     container = kme.dec_keys(caller, request.match_info["master_SAE_ID"], key_ids, now)
+    _delivered(request, caller, request.match_info["master_SAE_ID"], "dec", container)
     return await _keys(request, container)
+
+
+def _delivered(request: web.Request, sae: str, peer_sae: str, direction: str,
+               container: KeyContainer) -> None:
+    """Count keys handed out (the peer SAE is a known one: the KME served the request)."""
+    request.app[METRICS].delivered(sae, peer_sae, direction, keys=len(container.keys),
+                                   nbytes=container.key_bytes)
 
 
 async def _relay(request: web.Request) -> web.Response:
@@ -350,12 +366,33 @@ async def _links(request: web.Request) -> web.Response:
     return _json({"KME_ID": core.kme_id, "links": links})
 
 
+def _link_values(app: web.Application) -> telemetry.Values:
+    """The figures of :data:`qstore.telemetry.KME_FAMILIES`, read from the pools now."""
+    core, kme, now = app[CORE], app[KME], app[CONFIG].clock()
+    values: dict[str, list[tuple[tuple[str, ...], float]]] = {f.name: [] for f in telemetry.KME_FAMILIES}
+    for peer in sorted(core.peers):
+        out, inbound = core.outbound(peer), core.inbound(peer)
+        for family, value in ((telemetry.KME_POOL_AVAILABLE, out.available_bits(now)),
+                              (telemetry.KME_POOL_CAPACITY, out.capacity_bits),
+                              (telemetry.KME_LINK_RATE, out.rate_bps),
+                              (telemetry.KME_LINK_DELIVERED, out.delivered_bits),
+                              (telemetry.KME_LINK_RETRIEVED, inbound.retrieved_bits)):
+            values[family.name].append(((peer,), value))
+    values[telemetry.KME_RELAY_SENT.name] = [((peer,), bits) for peer, bits in sorted(kme.spent_bits.items())]
+    values[telemetry.KME_RELAY_RECEIVED.name] = [((peer,), bits)
+                                                 for peer, bits in sorted(kme.received_bits.items())]
+    values[telemetry.KME_RELAY_STORED.name] = [((), kme.store.stored_bits)]
+    return values
+
+
 def create_app(config: KMEConfig) -> web.Application:
     """The KME's aiohttp application (TLS is the server's: see :func:`start` and :func:`serve`)."""
     app = web.Application(middlewares=[_etsi_errors], client_max_size=MAX_REQUEST_BYTES)
     app[CONFIG] = config
     app[KME] = config.relay()
     app[CORE] = app[KME].core
+    app[METRICS] = telemetry.KMEMetrics(config.kme_id, lambda: _link_values(app))
+    observability.install(app, app[METRICS])
     app.cleanup_ctx.append(_relay_session)
     app.router.add_get("/health", _health)
     app.router.add_get("/api/v1/keys/{slave_SAE_ID}/status", _status)
@@ -413,11 +450,16 @@ async def start(config: KMEConfig, *, sock: socket.socket | None = None) -> Runn
 
 
 def serve(config: KMEConfig) -> None:
-    """Run one KME until interrupted (blocking; for a standalone process). Port 0: any free one, logged."""
+    """Run one KME until interrupted (blocking; for a standalone process). Port 0: any free one, logged.
+
+    Logs go to stderr as JSON lines (:func:`qstore.telemetry.configure_json_logging`), one access line
+    per request among them.
+    """
+    telemetry.configure_json_logging(static={"service": "kme", "instance": config.kme_id})
     keep_freed_heap()
     web.run_app(
         create_app(config), host=config.host, port=config.port,
-        ssl_context=pki.server_ssl_context(config.cert, config.key, config.ca),
+        ssl_context=pki.server_ssl_context(config.cert, config.key, config.ca), access_log=None,
         print=lambda msg: log.info("KME %s: %s", config.kme_id, msg),
     )
 

@@ -22,6 +22,13 @@ real size. GET streams the parts in order (ranges map onto them, versions
 pinned), so completing copies no data. The upload object is then marked
 completed (a second Complete answers the same result, as S3 does); deleting
 or overwriting the object deletes its parts.
+
+Operations: ``GET /-/health`` and ``GET /-/metrics`` (Prometheus text format,
+:class:`qstore.telemetry.GatewayMetrics`: requests, errors, latency and body
+bytes by S3 operation, see :func:`s3_operation`) need no signature; no bucket
+name starts with ``-``, so neither path is an S3 one. Every response carries
+``X-Request-ID`` (the client's when it is a short safe token), the same ID as
+``x-amz-request-id`` and the ``request_id`` of the JSON log lines.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +60,8 @@ from client.s3 import xml as sx
 from client.s3.errors import S3Error
 from client.s3.users import User, Users
 from client.storage import ObjectInfo, QStore, Refused
+from qkd_sim import observability
+from qstore import telemetry
 from qstore.cluster import GATEWAY_SAE, ClusterState
 from qstore.errors import BucketNotEmpty, LocalError, NoSuchBucket, NoSuchKey, QStoreError
 
@@ -65,6 +74,7 @@ MIN_PART = 5 << 20
 MAX_KEYS = 1000
 MAX_USER_META = 2048  # bytes of x-amz-meta-* names and values, as S3
 HEALTH_PATH = "/-/health"
+METRICS_PATH = "/-/metrics"
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 _PRECONDITION = "at least one of the preconditions you specified did not hold"
@@ -386,10 +396,11 @@ class Gateway:
     # -- dispatch --------------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        request_id = os.urandom(8).hex().upper()
+        request_id = telemetry.request_id.get() or os.urandom(8).hex().upper()
         try:
             return await self._route(request, request_id)
         except S3Error as err:
+            observability.note_error(request, err.code)
             return _error_response(err, request, request_id)
 
     def _authenticate(self, request: web.Request) -> tuple[User, sigv4.Auth]:
@@ -975,6 +986,65 @@ def sigv4_access_key(request: web.Request) -> str:
     return cred.split("/", 1)[0]
 
 
+_BUCKET_CONFIG = frozenset({"acl", "policy", "tagging", "cors", "lifecycle", "encryption", "website",
+                            "logging", "notification", "replication"})
+_OBJECT_SUBRESOURCES = frozenset({"acl", "tagging", "retention", "legal-hold", "attributes", "torrent"})
+
+
+def s3_operation(method: str, raw_path: str, query: Mapping[str, str], headers: Mapping[str, str]) -> str:
+    """The S3 operation a request asks for (its metrics label), as :meth:`Gateway._route` dispatches it.
+
+    ``Unsupported`` for the subresources the gateway refuses, ``Unknown`` for anything else.
+    ``headers`` is case-insensitive (aiohttp's).
+    """
+    bucket, _, key = raw_path.lstrip("/").partition("/")
+    upload = "uploadId" in query
+    if not bucket:
+        return "ListBuckets" if method == "GET" else "Unknown"
+    if not key:
+        if method == "PUT":
+            refused = any(k in query for k in ("versioning", "acl", "policy", "tagging", "cors", "lifecycle"))
+            return "Unsupported" if refused else "CreateBucket"
+        if method == "GET":
+            for name, op in (("location", "GetBucketLocation"), ("versioning", "GetBucketVersioning"),
+                             ("uploads", "ListMultipartUploads"), ("versions", "ListObjectVersions")):
+                if name in query:
+                    return op
+            if _BUCKET_CONFIG.intersection(query):
+                return "Unsupported"
+            return "ListObjectsV2" if query.get("list-type") == "2" else "ListObjects"
+        if method == "POST":
+            return "DeleteObjects" if "delete" in query else "Unknown"
+        return {"HEAD": "HeadBucket", "DELETE": "DeleteBucket"}.get(method, "Unknown")
+    if method == "PUT":
+        if upload:
+            return "UploadPart"
+        if "x-amz-copy-source" in headers:
+            return "CopyObject"
+        return "Unsupported" if _OBJECT_SUBRESOURCES.intersection(query) else "PutObject"
+    if method in ("GET", "HEAD"):
+        if upload and method == "GET":
+            return "ListParts"
+        if _OBJECT_SUBRESOURCES.intersection(query):
+            return "Unsupported"
+        return "GetObject" if method == "GET" else "HeadObject"
+    if method == "DELETE":
+        return "AbortMultipartUpload" if upload else "DeleteObject"
+    if method == "POST":
+        if "uploads" in query:
+            return "CreateMultipartUpload"
+        if upload:
+            return "CompleteMultipartUpload"
+    return "Unknown"
+
+
+def _operation(request: web.Request) -> str | None:
+    """The S3 operation of a request (None for /-/health and /-/metrics: their route names)."""
+    if request.path in (HEALTH_PATH, METRICS_PATH):
+        return None
+    return s3_operation(request.method, request.rel_url.raw_path, request.rel_url.query, request.headers)
+
+
 def _parse_range(value: str, size: int) -> tuple[int, int] | None:
     """``[start, end)`` of a single ``bytes=`` range; None to ignore it (S3 ignores what it cannot use)."""
     if not value.startswith("bytes=") or "," in value:
@@ -1028,12 +1098,15 @@ def create_app(config: GatewayConfig) -> web.Application:
     async def handle(request: web.Request) -> web.StreamResponse:
         return await request.app[GATEWAY].handle(request)
 
-    app.router.add_get(HEALTH_PATH, _health)
+    app.router.add_get(HEALTH_PATH, _health, name="health")
+    observability.install(app, telemetry.GatewayMetrics(config.sae_id), path=METRICS_PATH,
+                          require_client_cert=False, operation=_operation)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 
 
 def serve(config: GatewayConfig) -> None:
-    """Run the gateway until SIGTERM or SIGINT."""
+    """Run the gateway until SIGTERM or SIGINT; logs: JSON lines on stderr."""
+    telemetry.configure_json_logging(static={"service": "s3", "instance": config.sae_id})
     web.run_app(create_app(config), host=config.host, port=config.port, print=None,
                 access_log=None, handle_signals=True, read_bufsize=READ_BUFSIZE)
