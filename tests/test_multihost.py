@@ -18,6 +18,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -348,3 +349,200 @@ def test_three_sites_on_two_hosts_put_get_and_down_on_one_host(tmp_path, capsys)
             cluster.down(host)
     assert not any(_is_up(hac, p.pid) for p in (*ac.kmes, *ac.nodes))
     assert not (hac / "cluster.json").exists()
+
+
+# -- five sites in network namespaces ------------------------------------------------------------
+
+NETNS_STORAGE = 5  # storage sites; the desk (clients, gateway) is one more
+NETNS_DELAY_MS = 5.0  # one way between two sites: half on the sender's veth, half on the bridge's port
+NETNS_MIB = int(os.environ.get("QSTORE_NETNS_MIB", "64"))
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, check=check)
+
+
+class Namespaces:
+    """One network namespace per site and one for a bridge joining them (10.88.0.i/24), made and removed
+    by the test; nothing is added to the namespace the test runs in. Names carry the test's pid."""
+
+    def __init__(self, sites: int):
+        tag = f"qs{os.getpid() % 100000}"
+        self.bridge = f"{tag}br"
+        self.sites = [f"{tag}s{i}" for i in range(1, sites + 1)]
+        self.made: list[str] = []
+        self.delay_note = ""
+
+    def host(self, i: int) -> str:
+        return f"10.88.0.{i}"
+
+    def create(self) -> None:
+        for ns in (self.bridge, *self.sites):
+            _ip("netns", "add", ns)
+            self.made.append(ns)
+        _ip("-n", self.bridge, "link", "add", "br0", "type", "bridge")
+        _ip("-n", self.bridge, "link", "set", "br0", "up")
+        for i, ns in enumerate(self.sites, start=1):
+            _ip("-n", ns, "link", "add", "v0", "type", "veth", "peer", "name", f"b{i}", "netns", self.bridge)
+            _ip("-n", self.bridge, "link", "set", f"b{i}", "master", "br0", "up")
+            _ip("-n", ns, "addr", "add", f"{self.host(i)}/24", "dev", "v0")
+            _ip("-n", ns, "link", "set", "v0", "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+        half = f"{NETNS_DELAY_MS / 2 * 1000:.0f}us"
+        for i, ns in enumerate(self.sites, start=1):
+            for where, dev in ((ns, "v0"), (self.bridge, f"b{i}")):
+                res = subprocess.run(["ip", "netns", "exec", where, "tc", "qdisc", "add", "dev", dev, "root",
+                                      "netem", "delay", half], capture_output=True, text=True, timeout=30)
+                if res.returncode != 0:  # the kernel has no sch_netem: the sites still run, without delay
+                    self.delay_note = f"no inter-site delay: tc netem failed ({res.stderr.strip()})"
+                    return
+
+    def remove(self) -> None:
+        for ns in reversed(self.made):
+            _ip("netns", "del", ns, check=False)
+        self.made.clear()
+
+    def run(self, i: int, *args: object, env: dict[str, str] | None = None,
+            timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        """`qstore ARGS` inside site i's namespace."""
+        return finish(self.start(i, sys.executable, "-m", "client.cli", *args, env=env), timeout)
+
+    def start(self, i: int, *cmd: object, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+        return subprocess.Popen(["ip", "netns", "exec", self.sites[i - 1], *map(str, cmd)], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "COLUMNS": "200", **(env or {})})
+
+
+def _netns_or_skip(tmp_path: Path) -> Namespaces:
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2 (`ip`)")
+    nets = Namespaces(NETNS_STORAGE + 1)
+    probe = _ip("netns", "add", nets.bridge, check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot create a network namespace here: {probe.stderr.strip()}")
+    _ip("netns", "del", nets.bridge, check=False)
+    return nets
+
+
+NETNS_SCHEMA = """
+[table]
+min_group_size = 10
+[columns]
+age    = { type = "integer", min = 0, max = 120 }
+weight = { type = "fixed", decimals = 1, min = 20, max = 250 }
+"""
+
+S3_ROUND_TRIP = """
+import json, os, sys, boto3
+from botocore.config import Config
+gw = json.loads(sys.argv[1])
+s3 = boto3.client("s3", endpoint_url=gw["url"], aws_access_key_id=gw["access_key"],
+                  aws_secret_access_key=gw["secret_key"], region_name="us-east-1",
+                  config=Config(s3={"addressing_style": "path"}))
+body = os.urandom(3 << 20)
+s3.create_bucket(Bucket="metro")
+s3.put_object(Bucket="metro", Key="s3.bin", Body=body)
+assert s3.get_object(Bucket="metro", Key="s3.bin")["Body"].read() == body
+print(json.dumps([o["Key"] for o in s3.list_objects_v2(Bucket="metro")["Contents"]]))
+"""
+
+
+def test_five_sites_in_network_namespaces(tmp_path, capsys, record_property):
+    """Five storage sites and a client site ("desk", as in deploy/local.toml), each in a namespace of its
+    own with its own address, started there by `up --only` from its own state directory; put/get, an S3
+    round trip and a statistics query from the desk, then the loss of the fifth site."""
+    nets = _netns_or_skip(tmp_path)
+    sites = [f"s{i}" for i in range(1, NETNS_STORAGE + 1)] + ["desk"]
+    desk = NETNS_STORAGE + 1
+    conf = tmp_path / "netns.toml"
+    text = '[cluster]\nname = "netns"\nk = 3\n\n'
+    for i, site in enumerate(sites, start=1):
+        text += f'[[sites]]\nname = "{site}"\nhost = "{nets.host(i)}"\nkme_port = 7000\n'
+        text += 'node = false\nsaes = ["hospital-a", "analyst"]\n' if i == desk else "node_port = 7001\n"
+    text += "".join(f'[[links]]\na = "{a}"\nb = "{b}"\nrate = "unlimited"\n'
+                    for j, a in enumerate(sites) for b in sites[j + 1:])
+    conf.write_text(text)
+    admin = tmp_path / "admin"
+    hosts = {i: tmp_path / sites[i - 1] for i in range(1, desk + 1)}
+    assert run(capsys, "ca", "init", "--state", admin)[0] == 0
+    assert run(capsys, "cluster", "secrets", conf, "--state", admin)[0] == 0
+    for i, host in hosts.items():
+        site = sites[i - 1]
+        names = [f"kme.{site}"] + (["client", "gateway", "hospital-a", "analyst"] if i == desk
+                                   else [f"node.{site}"])
+        for name in names:
+            flags = ("--host", nets.host(i)) if name.startswith(("kme.", "node.")) else ()
+            assert run(capsys, "ca", "issue", name, *flags, "--state", admin, "--out", host / "certs")[0] == 0
+        (host / "ca").mkdir(parents=True)
+        shutil.copy(admin / "ca" / "ca.pem", host / "ca" / "ca.pem")
+        shutil.copy(admin / "secrets.json", host / "secrets.json")
+
+    try:
+        nets.create()
+        if nets.delay_note:
+            warnings.warn(nets.delay_note, stacklevel=1)
+        ups = [nets.start(i, sys.executable, "-m", "client.cli", "cluster", "up", conf,
+                          "--only", sites[i - 1], "--state", hosts[i], "--timeout", "60") for i in hosts]
+        for i, p in zip(hosts, ups, strict=True):
+            res = finish(p)
+            assert res.returncode == 0, f"{sites[i - 1]}: {res.stderr}"
+        res = nets.run(3, "cluster", "status", "--state", hosts[3], "--json")
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert all(p["reachable"] for p in json.loads(res.stdout)["processes"])
+
+        # put/get from the desk, every share crossing the (delayed) links
+        data = os.urandom(NETNS_MIB << 20)
+        src, out = tmp_path / "big.bin", tmp_path / "big.out"
+        src.write_bytes(data)
+        res = nets.run(desk, "put", src, "netns/big.bin", "--state", hosts[desk], "--json")
+        assert res.returncode == 0, res.stderr
+        put = json.loads(res.stdout)
+        res = nets.run(desk, "get", "netns/big.bin", "-o", out, "--state", hosts[desk], "--json")
+        assert res.returncode == 0, res.stderr
+        got = json.loads(res.stdout)
+        assert out.read_bytes() == data
+        for what, doc in (("put", put), ("get", got)):  # shown with -rA; the README's figures come from here
+            figures = {"MiB/s": round(doc["size"] / doc["seconds"] / 2**20, 1), "key_bytes": doc["key_bytes"],
+                       "links": doc["links"], "delay_ms": 0 if nets.delay_note else NETNS_DELAY_MS}
+            record_property(f"netns_{what}", json.dumps(figures))
+            print(f"{what} {NETNS_MIB} MiB:", json.dumps(figures))
+
+        # an S3 round trip through the gateway at the desk
+        res = nets.run(desk, "s3", "credentials", "--state", hosts[desk], "--json")
+        assert res.returncode == 0, res.stderr
+        s3 = finish(nets.start(desk, sys.executable, "-c", S3_ROUND_TRIP, res.stdout.strip()))
+        assert s3.returncode == 0 and json.loads(s3.stdout) == ["s3.bin"], s3.stderr
+
+        # a statistics query: the nodes compute over the links, the analyst gets the mean
+        rows = [(20 + (7 * r) % 70, 50 + (13 * r) % 60 + 0.5) for r in range(120)]
+        csv = tmp_path / "p.csv"
+        csv.write_text("age,weight\n" + "".join(f"{a},{w:.1f}\n" for a, w in rows))
+        schema = tmp_path / "schema.toml"
+        schema.write_text(NETNS_SCHEMA)
+        for args in (("table", "put", csv, "--name", "patients", "--schema", schema, "--as", "hospital-a"),
+                     ("table", "grant", "patients", "analyst", "--as", "hospital-a")):
+            res = nets.run(desk, *args, "--state", hosts[desk])
+            assert res.returncode == 0, res.stderr
+        res = nets.run(desk, "stats", "mean", "weight", "--table", "patients", "--as", "analyst", "--json",
+                       "--state", hosts[desk])
+        assert res.returncode == 0, res.stderr
+        mean = json.loads(res.stdout)
+        assert mean["rows"] == len(rows)
+        assert mean["value"] == pytest.approx(sum(w for _, w in rows) / len(rows))
+
+        # the fifth storage site is lost: its host stops, the data still reads from four
+        res = nets.run(5, "cluster", "down", "--state", hosts[5], "--json")
+        assert res.returncode == 0 and sorted(json.loads(res.stdout)["stopped"]) == ["kme.s5", "node.s5"]
+        out.unlink()
+        res = nets.run(desk, "get", "netns/big.bin", "-o", out, "--state", hosts[desk], "--json")
+        assert res.returncode == 0, res.stderr
+        assert out.read_bytes() == data and "s5" not in json.loads(res.stdout)["nodes"]
+        res = nets.run(2, "cluster", "status", "--state", hosts[2], "--json")
+        assert res.returncode == 1
+        down = {p["id"] for p in json.loads(res.stdout)["processes"] if not p["reachable"]}
+        assert down == {"kme.s5", "node.s5"}
+    finally:
+        for i, host in hosts.items():
+            if (host / "cluster.json").exists():
+                cluster.down(host)  # signals by pid: works from outside the namespace
+        nets.remove()
