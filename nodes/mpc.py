@@ -29,7 +29,7 @@ from qstore.errors import Conflict, RemoteError
 
 log = logging.getLogger(__name__)
 
-PART_BYTES = 4 << 20  # payloads above this travel as several sealed parts, concurrently
+PART_BYTES = 16 << 20  # payloads above this travel as several sealed parts, concurrently
 MAX_PENDING_QUERIES = 64
 MAX_PENDING_BYTES = 2 << 30
 PENDING_TTL_S = 120.0
@@ -212,11 +212,12 @@ class KeyPool:
     Refills run as tasks the pool owns; :meth:`close` cancels them.
     """
 
-    def __init__(self, fetch: Callable[[int, int], Awaitable[list[Any]]], *, unit: int = 1024,
-                 depth: int = 32):
+    def __init__(self, fetch: Callable[[int, int], Awaitable[list[Any]]], *, unit: int = 512,
+                 depth: int = 16, most: int = 4):
         self._fetch = fetch  # (number, size_bits) -> keys
         self.unit = unit
         self.depth = depth
+        self.most = most  # keys per message at most: larger messages fetch their own, cut to size
         self._keys: list[Any] = []
         self._refill: asyncio.Task[None] | None = None
         self._failed = False
@@ -238,7 +239,7 @@ class KeyPool:
     def take(self, nbytes: int) -> list[Any] | None:
         """Whole keys covering ``nbytes`` if the pool has them now (then refills), else None."""
         count = -(-nbytes // self.unit)
-        if count > self.depth // 2:
+        if count > self.most:
             return None
         if len(self._keys) < count:
             if not self._failed:

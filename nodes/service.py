@@ -53,7 +53,7 @@ import aiohttp
 from aiohttp import web
 
 from nodes import mpc as runtime
-from nodes.mpc import Mailbox, QueryFailed
+from nodes.mpc import KeyPool, Mailbox, QueryFailed
 from nodes.store import Store, Upload, Version
 from nodes.tables import TableInfo, TableStore, TableUpload, check_sae, check_table_name
 from qkd_sim import observability, pki
@@ -146,6 +146,7 @@ SAE = web.AppKey("sae", SAEClient)
 STATS = web.AppKey("stats", dict)
 TABLES = web.AppKey("tables", TableStore)
 MAILBOX = web.AppKey("mailbox", Mailbox)
+KEY_POOLS = web.AppKey("key_pools", dict)
 PEER_SESSION = web.AppKey("peer_session", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", telemetry.NodeMetrics)
 
@@ -587,7 +588,13 @@ async def _send_part(app: web.Application, peer: Peer, query_id: str, round_: in
                      piece: bytes) -> int:
     """Seal one part with fresh key for ``peer`` and post it; the key bytes spent."""
     need = otp.key_cost("otp", len(piece))
-    stream = await envelope_keys(app[SAE], peer.sae_id, need)
+    pool = app[KEY_POOLS].get(peer.sae_id)
+    if pool is None:
+        pool = app[KEY_POOLS][peer.sae_id] = KeyPool(_pool_fetch(app, peer.sae_id))
+    ahead = pool.take(need)  # small messages: keys fetched before the round, off its critical path
+    if ahead is not None:
+        need = len(ahead) * pool.unit  # whole keys are spent: the rest of the last one is wiped unused
+    stream = otp.KeyStream(ahead) if ahead is not None else await envelope_keys(app[SAE], peer.sae_id, need)
     try:
         envelope = otp.seal_parts(piece, stream)
     finally:
@@ -608,6 +615,15 @@ async def _send_part(app: web.Application, peer: Peer, query_id: str, round_: in
     _count_app(app, peer.sae_id, "key_out", need)
     _count_app(app, peer.sae_id, "bytes_out", len(envelope))
     return need
+
+
+def _pool_fetch(app: web.Application, peer: str) -> Callable[[int, int], Awaitable[list[Any]]]:
+    async def fetch(number: int, size_bits: int) -> list[Any]:
+        sae = app[SAE]
+        limit = (await sae.limits(peer)).max_key_per_request
+        return await sae.get_enc_keys(peer, min(number, limit), size_bits)
+
+    return fetch
 
 
 def _count_app(app: web.Application, peer: str, what: str, nbytes: int) -> None:
@@ -751,6 +767,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[TABLES] = await asyncio.to_thread(TableStore, c.data_dir, clock=c.clock, fsync=c.fsync)
     await asyncio.to_thread(_warm_up)
     app[MAILBOX] = Mailbox()
+    app[KEY_POOLS] = {}
     peer_timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=c.mpc_round_timeout_s)
     app[PEER_SESSION] = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(ssl=pki.client_ssl_context(c.cert, c.key, c.ca), limit=0),
@@ -770,6 +787,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        for pool in app[KEY_POOLS].values():
+            await pool.close()
         await sae.close()
         await app[PEER_SESSION].close()
         app[STORE].close()

@@ -32,7 +32,10 @@ access_log = logging.getLogger("qstore.access")
 
 Operation = Callable[[web.Request], str | None]
 Hook = Callable[[web.Application], Awaitable[None]]
-_QUIET = frozenset({"metrics", "health"})  # scrapes and probes: access lines at DEBUG only
+# Scrapes and probes, and the data path's requests (one per key request, share frame or MPC message:
+# thousands per second under load, counted and timed in the metrics): access lines at DEBUG only.
+_QUIET = frozenset({"metrics", "health", "enc_keys", "dec_keys", "relay", "put_chunk", "get_chunk",
+                    "oneshot", "table_part", "mpc_message"})
 
 
 @dataclass
@@ -141,7 +144,7 @@ async def _observe(request: web.Request,
                                      seconds=seconds, received=received, sent=sent,
                                      error=request.get(_ERROR) or error)
             level = logging.DEBUG if operation in _QUIET and status < 400 else logging.INFO
-            if access_log.isEnabledFor(level):
+            if access_log.isEnabledFor(level):  # (the caller's certificate is parsed only then)
                 access_log.log(level, "%s %s %d %.1f ms", request.method, operation, status, 1000 * seconds,
                                extra={"method": request.method, "path": request.path, "operation": operation,
                                       "status": status, "duration_ms": round(1000 * seconds, 3),
