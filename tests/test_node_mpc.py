@@ -61,7 +61,7 @@ async def test_the_key_pool_hands_out_whole_keys_once_and_refills():
         fetched.append((number, size_bits))
         return [QKDKey(key_id=str(uuid.uuid4()), key=os.urandom(size_bits // 8)) for _ in range(number)]
 
-    pool = KeyPool(fetch, unit=100, depth=8)
+    pool = KeyPool(fetch, unit=100, depth=8, most=4)
     assert pool.take(150) is None  # empty: starts a refill, the caller fetches its own
     await asyncio.sleep(0.01)
     first = pool.take(150)
