@@ -1154,6 +1154,9 @@ async def _status(state: ClusterState) -> dict[str, Any]:
         probes = await asyncio.gather(*(_probe(session, *p["_probe"]) for p in processes))
         pools = await asyncio.gather(*(_probe(session, k.url + "/kme/v1/links", ("KME_ID", k.id))
                                        for k in state.kmes))
+        scrapes = await asyncio.gather(*(_scrape(session, p["metrics_url"]) for p in processes))
+    for proc, text in zip(processes, scrapes, strict=True):
+        proc["figures"] = None if text is None else _figures(proc["kind"], text)
     for proc, probe in zip(processes, probes, strict=True):
         del proc["_probe"]
         proc["health"] = probe.detail  # asked even when the recorded pid is gone: one may run by hand
@@ -1173,6 +1176,36 @@ async def _status(state: ClusterState) -> dict[str, Any]:
         out_links.append(row)
     return {"state": str(state.directory), "name": state.name, "k": state.k, "n": state.n,
             "processes": processes, "links": out_links}
+
+
+async def _scrape(session: Any, url: str | None) -> str | None:
+    """A process's /metrics text, or None (no URL, unreachable, or an older process without metrics)."""
+    if not url:
+        return None
+    try:
+        async with asyncio.timeout(5), session.get(url) as resp:
+            return (await resp.text()) if resp.status == 200 else None
+    except Exception:  # unreachable, TLS, timeout, bad encoding: status reports, a scrape never fails it
+        return None
+
+
+def _figures(kind: str, text: str) -> dict[str, float]:
+    """The few figures `status` shows of a process, from its metrics (qstore.telemetry's names)."""
+    from qstore.telemetry import Figures
+
+    f = Figures(text)
+    prefix = {"kme": "qstore_kme", "node": "qstore_node", "gateway": "qstore_s3"}[kind]
+    out = {"requests": f.value(f"{prefix}_requests_total"), "errors": f.value(f"{prefix}_errors_total")}
+    if kind == "node":
+        out |= {"objects": f.value("qstore_node_objects"),
+                "stored_bytes": f.value("qstore_node_stored_bytes"),
+                "key_in_bytes": f.value("qstore_node_key_bytes_total", direction="in"),
+                "key_out_bytes": f.value("qstore_node_key_bytes_total", direction="out"),
+                "mpc_queries": f.value("qstore_node_mpc_queries_total"),
+                "mpc_failed": f.value("qstore_node_mpc_queries_total", status="failed")}
+    if kind == "kme":
+        out["key_delivered_bytes"] = f.value("qstore_kme_key_delivered_bytes_total")
+    return out
 
 
 def status(root: Path) -> dict[str, Any]:

@@ -103,6 +103,18 @@ def run_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _figures_text(f: dict[str, float] | None) -> str:
+    if not f:
+        return "-"
+    text = f"{f['requests']:.0f} req, {f['errors']:.0f} err"
+    if "objects" in f:
+        text += (f", {f['objects']:.0f} objects, {f['stored_bytes'] / 2**20:.1f} MiB, "
+                 f"{f['mpc_queries']:.0f} MPC queries")
+    if "key_delivered_bytes" in f:
+        text += f", {f['key_delivered_bytes'] / 2**20:.1f} MiB key out"
+    return text
+
+
 def run_status(args: argparse.Namespace) -> int:
     from client import cluster
     from qstore.cluster import state_dir
@@ -119,13 +131,18 @@ def run_status(args: argparse.Namespace) -> int:
     procs = Table(title=f"cluster {report['name']} ({report['state']})")
     for col in ("process", "pid", "alive", "url", "health"):
         procs.add_column(col, no_wrap=True)
+    figures = Table(title="what each process counts (its /metrics)")
+    for col in ("process", "figures"):
+        figures.add_column(col, no_wrap=True)
     for p in report["processes"]:
         if p.get("local", True):
             alive, health = ("yes" if p["alive"] else "NO"), p["health"]
         else:  # another host's: only its health endpoint tells
             alive, health = "remote", "reachable" if p["reachable"] else f"UNREACHABLE: {p['health']}"
         procs.add_row(p["id"], str(p["pid"] or "-"), alive, p["url"], health)
+        figures.add_row(p["id"], _figures_text(p.get("figures")))
     console.print(procs)
+    console.print(figures)
     links = Table(title="QKD links: key in the pool of each direction, and key handed out")
     for col in ("link a-b", "rate", "pool a→b", "pool b→a", "sent a→b", "sent b→a"):
         links.add_column(col, no_wrap=True)

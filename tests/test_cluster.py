@@ -230,6 +230,9 @@ def test_saes_of_the_state_get_the_same_keys_at_both_ends(local):
     link = next(lk for lk in report["links"] if (lk["a"], lk["b"]) == ("client", "site4"))
     assert link["client->site4"]["delivered_bits"] == 4 * 8192
     assert link["site4->client"]["delivered_bits"] == 2 * 256
+    # the KMEs' own counters (their /metrics) agree: the client's KME handed out 4 keys of 1 KiB
+    figures = {p["id"]: p["figures"] for p in report["processes"]}
+    assert figures["kme.client"]["key_delivered_bytes"] >= 4 * 1024 and figures["kme.client"]["errors"] == 0
 
 
 def test_a_second_up_is_refused_while_it_runs(local, capsys):
