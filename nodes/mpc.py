@@ -48,6 +48,7 @@ class _Query:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     failure: str | None = None
     nbytes: int = 0
+    active: bool = False  # this node runs the query (it has taken a round's messages)
 
 
 class Mailbox:
@@ -74,7 +75,7 @@ class Mailbox:
     def _expire(self) -> None:
         now = self._clock()
         for qid, q in list(self._queries.items()):
-            if now - q.created > PENDING_TTL_S and not q.arrived.is_set() and q.failure is None:
+            if now - q.created > PENDING_TTL_S and not q.active:  # never started here, or aborted
                 self.close(qid)
 
     def put(self, query_id: str, round_: int, sender: int, part: int, parts: int, payload: bytes) -> None:
@@ -100,6 +101,7 @@ class Mailbox:
                    names: dict[int, str]) -> dict[int, bytes]:
         """Every sender's whole message of this round (QueryFailed when one is late or the query failed)."""
         q = self._query(query_id)
+        q.active = True
         deadline = self._clock() + timeout_s
         while True:
             if q.failure is not None:

@@ -676,27 +676,31 @@ async def _mpc_query(request: web.Request) -> web.Response:
         raise RemoteError("parties must name distinct storage nodes of this cluster, this one included")
     if len(parties) < 2 * c.t + 1:
         raise RemoteError(f"MPC needs at least {2 * c.t + 1} nodes (2t+1, t = {c.t}), {len(parties)} named")
-    tables = request.app[TABLES]
-    names = list(query.tables) + ([query.join.table] if query.join is not None else [])
-    infos = [await asyncio.to_thread(tables.get, check_table_name(n)) for n in names]
-    for info in infos:
-        if not info.may_query(caller):
-            raise Forbidden(f"{caller} has no grant to query table {info.name!r}")
-    main = infos[: len(query.tables)]
-    schema, rows = _union(main)
-    other: tuple[Any, dict[str, Any], int] | None = None
-    if query.join is None:
-        needed = stats.columns_needed(query, schema)
-    else:  # the join's columns come from either side, plus the id column of both
-        other_schema, other_rows = _union(infos[len(query.tables):])
-        joined = join_schema(schema, other_schema, query.join.on)
-        wanted = set(stats.columns_needed(join.without_join(query), joined)) | {query.join.on}
-        needed = [c for c in schema.stored_columns() if c in wanted]
-        other_needed = [c for c in other_schema.stored_columns() if c in wanted]
-        other = (other_schema, await asyncio.to_thread(tables.load, infos[-1], other_needed), other_rows)
-    loaded = [await asyncio.to_thread(tables.load, info, needed) for info in main]
-    data = {col: np.concatenate([part[col] for part in loaded]) for col in needed}
     peers = sorted(x for x in parties if x != c.x)
+    tables = request.app[TABLES]
+    try:  # a node that refuses tells the others at once, or they would wait a round timeout for it
+        names = list(query.tables) + ([query.join.table] if query.join is not None else [])
+        infos = [await asyncio.to_thread(tables.get, check_table_name(n)) for n in names]
+        for info in infos:
+            if not info.may_query(caller):
+                raise Forbidden(f"{caller} has no grant to query table {info.name!r}")
+        main = infos[: len(query.tables)]
+        schema, rows = _union(main)
+        other: tuple[Any, dict[str, Any], int] | None = None
+        if query.join is None:
+            needed = stats.columns_needed(query, schema)
+        else:  # the join's columns come from either side, plus the id column of both
+            other_schema, other_rows = _union(infos[len(query.tables):])
+            joined = join_schema(schema, other_schema, query.join.on)
+            wanted = set(stats.columns_needed(join.without_join(query), joined)) | {query.join.on}
+            needed = [c for c in schema.stored_columns() if c in wanted]
+            other_needed = [c for c in other_schema.stored_columns() if c in wanted]
+            other = (other_schema, await asyncio.to_thread(tables.load, infos[-1], other_needed), other_rows)
+        loaded = [await asyncio.to_thread(tables.load, info, needed) for info in main]
+        data = {col: np.concatenate([part[col] for part in loaded]) for col in needed}
+    except QStoreError as exc:
+        await _abort_peers(request.app, [by_x[x] for x in peers], query_id, str(exc))
+        raise
     ctx = engine.Context(me=c.x, parties=tuple(sorted(parties)), t=c.t, rng=AesCtrRandom())
     revealed = stats.revealed(query)
     entry = await asyncio.to_thread(tables.audit_start, query_id, caller, names, query.to_json(), revealed)

@@ -84,3 +84,15 @@ async def test_a_failing_fetch_leaves_the_pool_empty_without_raising():
     await asyncio.sleep(0.01)
     assert pool.take(10) is None
     await pool.close()
+
+
+async def test_messages_of_queries_never_run_here_expire():
+    now = [0.0]
+    box = Mailbox(clock=lambda: now[0])
+    box.put("a" * 32, 0, 2, 0, 1, b"x" * 100)  # a query this node never starts
+    box.fail("b" * 32, "node site2 stopped: no such table")  # one it refused and a peer aborted
+    box.put("c" * 32, 0, 2, 0, 1, b"y")
+    await box.take("c" * 32, 0, [2], 1.0, {})  # one it runs
+    now[0] = 1000.0
+    box.put("d" * 32, 0, 2, 0, 1, b"z")  # any new arrival sweeps the stale ones
+    assert set(box._queries) == {"c" * 32, "d" * 32} and box._bytes == 1
