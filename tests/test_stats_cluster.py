@@ -330,6 +330,26 @@ def test_an_equi_join_across_two_owners(world):
                        sae="analyst"), "grant")
 
 
+def test_a_node_that_refuses_makes_the_others_stop_at_once(world):
+    state, _, root = world
+    (root / "tiny.toml").write_text('[table]\nmin_group_size = 1\n[columns]\n'
+                                    'v = { type = "integer", min = 0, max = 9 }\n')
+    (root / "tiny.csv").write_text("v\n1\n2\n3\n")
+    assert cli(state, "table", "put", root / "tiny.csv", "--name", "tiny", "--schema", root / "tiny.toml",
+               sae="hospital-c").returncode == 0
+    assert cli(state, "table", "grant", "tiny", "analyst", sae="hospital-c").returncode == 0
+
+    async def drop_on_first_node(qs):
+        await qs.nodes[0].call("DELETE", "/v1/tables/tiny")  # node s1 only: the nodes now disagree
+
+    api(state, "hospital-c", drop_on_first_node)
+    started = time.monotonic()
+    res = cli(state, "stats", "sum", "v", "--table", "tiny", "--where", "v > 1", sae="analyst")
+    err = one_line_error(res)
+    assert time.monotonic() - started < 20  # not the 60 s round timeout of the nodes that started
+    assert "tiny" in err
+
+
 def test_a_node_down_mid_query_fails_cleanly_and_the_rest_carry_on(world):
     state, data, _ = world
     live = ClusterState.load(state)
