@@ -212,19 +212,9 @@ def reduce_many(ctx: Context, cs: Sequence[Vec]) -> Protocol[list[Vec]]:
     """
     cs = list(cs)
     dealers = ctx.parties[: 2 * ctx.t + 1]
-    shapes = [_shape(c) for c in cs]
-    own: list[Vec] = []
-    if ctx.me in dealers:
-        dealt = [shamir.share(c, ctx.parties, ctx.t, ctx.rng) for c in cs]
-        own = [d[ctx.me] for d in dealt]
-        ex = Exchange.send_all(ctx, lambda peer: [d[peer] for d in dealt])
-    else:
-        ex = Exchange.send_all(ctx, lambda peer: [])
-    inbox = yield ex
-    inbox = expect(ctx, inbox, lambda peer: shapes if peer in dealers else [])
+    got = yield from _deal_each(ctx, [_shape(c) for c in cs], lambda: cs, dealers=dealers)
     coeffs = shamir.lagrange(dealers)
-    got = {d: (own if d == ctx.me else inbox[d]) for d in dealers}
-    return [field.lincomb(coeffs, [got[d][i] for d in dealers]) for i in range(len(cs))]
+    return [field.lincomb(coeffs, [g[i] for g in got]) for i in range(len(cs))]
 
 
 def reduce(ctx: Context, c: Vec) -> Protocol[Vec]:
@@ -272,10 +262,12 @@ def _deal(
 
 
 def _deal_each(
-    ctx: Context, shapes: Sequence[tuple[int, ...]], draw: Callable[[], list[Vec]]
+    ctx: Context, shapes: Sequence[tuple[int, ...]], draw: Callable[[], list[Vec]],
+    dealers: Sequence[int] | None = None,
 ) -> Protocol[list[list[Vec]]]:
-    """The first t+1 parties each share values of their own drawing: every dealer's sharings. 1 round."""
-    dealers = ctx.parties[: ctx.t + 1]
+    """Each dealer (default: the first t+1 parties) shares values of its own with degree t; every
+    dealer's sharings, in the dealers' order. 1 round."""
+    dealers = ctx.parties[: ctx.t + 1] if dealers is None else tuple(dealers)
     shapes = [tuple(s) for s in shapes]
     own: list[Vec] = []
     if ctx.me in dealers:
