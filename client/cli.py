@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     from client import stats_cli
 
     stats_cli.add_parsers(sub)
+    from client import console_cli
+
+    console_cli.add_parsers(sub)
     return parser
 
 
