@@ -137,6 +137,10 @@ async def test_login_csrf_and_logout(tmp_path, creds):
         assert (await client.post("/api/logout", headers=evil)).status == 403
         assert (await client.post("/api/logout", headers={"X-CSRF-Token": csrf,
                                                           "Referer": "http://evil.example/x"})).status == 403
+        # no cluster behind this console: a clear error, not a crash
+        for path in ("/api/buckets", "/api/objects?bucket=reports", "/api/network", "/api/tables"):
+            resp = await client.get(path)
+            assert resp.status in (400, 502, 503) and "error" in await resp.json(), path
         # a bucket the user may not use, even with the token
         resp = await client.get("/api/objects?bucket=other")
         assert resp.status == 403
@@ -496,3 +500,42 @@ def test_pages_load_in_under_a_second_with_10000_objects(world, tmp_path_factory
           + ", ".join(f"{r} {t * 1000:.0f} ms" for r, t in loads))
     assert all(t < 1.0 for r, t in loads if not r.startswith("objects +")), loads
     assert loads[-1][1] < 4.0, loads
+
+
+def test_the_console_command_serves_and_refuses_without_users(tmp_path, creds):
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, "-m", "client.cli", "console", "--state", str(tmp_path / "none")],
+                         cwd=root, capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0 and res.stderr.startswith("qstore: ") and "no users may log in" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "client.cli", "console", "--state", str(tmp_path / "none"),
+                             "--users", str(creds[0]), "--port", str(port)], cwd=root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
+                    assert resp.status == 200 and b"qstore console" in resp.read()
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                time.sleep(0.2)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/login", method="POST",
+                                     data=json.dumps({"access_key": creds[1].access_key,
+                                                      "secret_key": creds[1].secret_key}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert json.loads(resp.read())["user"] == "alice"
+            assert "HttpOnly" in resp.headers["Set-Cookie"]
+    finally:
+        proc.terminate()
+        proc.wait(10)

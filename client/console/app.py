@@ -272,6 +272,8 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if isinstance(exc, LocalError) and status == 502:
             status = 400
         return _error(status, str(exc))
+    except (OSError, TimeoutError) as exc:  # the cluster is down or unreachable
+        return _error(502, f"cluster unreachable ({type(exc).__name__}: {exc})")
 
 
 # -- handlers ----------------------------------------------------------------------------
