@@ -63,12 +63,9 @@ def emit(doc: dict[str, Any]) -> None:
 
 
 def cluster_config() -> str:
-    names = ["b1", "b2", "b3", "client"]
-    sites = "".join(f'[[sites]]\nname = "{s}"\n' for s in names[:3])
-    sites += '[[sites]]\nname = "client"\nnode = false\nsaes = ["bench"]\n'
-    links = "".join(f'[[links]]\na = "{a}"\nb = "{b}"\nrate = "unlimited"\n'
-                    for i, a in enumerate(names) for b in names[i + 1:])
-    return f'[cluster]\nname = "bench-mpc"\nk = 2\n\n{sites}\n{links}'
+    from qkd_sim.network import mesh_toml
+
+    return mesh_toml("bench-mpc", 2, ["b1", "b2", "b3"], client_saes=["bench"])
 
 
 def csv_text(data: dict[str, Any]) -> str:

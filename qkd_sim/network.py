@@ -370,3 +370,20 @@ def simulate(
             levels[lk.name].append(level[lk.name])
         times.append(i * step_s)
     return PoolTrace(tuple(times), {k: tuple(v) for k, v in levels.items()}, starved)
+
+
+def mesh_toml(name: str, k: int, storage_sites: Iterable[str], *, client_site: str = "client",
+              client_saes: Iterable[str] = ()) -> str:
+    """The text of a cluster file: storage sites and a client site, every pair joined by an unlimited link.
+
+    For tests and benchmarks on one machine, where key supply must not be what is measured.
+    """
+    stores = list(storage_sites)
+    text = [f'[cluster]\nname = "{name}"\nk = {k}\n']
+    text += [f'[[sites]]\nname = "{s}"\n' for s in stores]
+    saes = ", ".join(f'"{s}"' for s in client_saes)
+    text.append(f'[[sites]]\nname = "{client_site}"\nnode = false\n' + (f"saes = [{saes}]\n" if saes else ""))
+    names = stores + [client_site]
+    text += [f'[[links]]\na = "{a}"\nb = "{b}"\nrate = "unlimited"\n'
+             for i, a in enumerate(names) for b in names[i + 1:]]
+    return "\n".join(text)

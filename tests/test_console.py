@@ -201,12 +201,9 @@ async def test_planner_draws_the_models_curve(tmp_path, creds):
 
 
 def _config() -> str:
-    sites = "".join(f'[[sites]]\nname = "{s}"\n' for s in SITES)
-    sites += '[[sites]]\nname = "desk"\nnode = false\n'
-    names = list(SITES) + ["desk"]
-    links = "".join(f'[[links]]\na = "{a}"\nb = "{b}"\nrate = "unlimited"\n'
-                    for i, a in enumerate(names) for b in names[i + 1:])
-    return f'[cluster]\nname = "console"\nk = 2\n\n{sites}\n{links}'
+    from qkd_sim.network import mesh_toml
+
+    return mesh_toml("console", 2, SITES, client_site="desk")
 
 
 def _data(rows: int) -> tuple[str, dict[str, np.ndarray]]:

@@ -91,3 +91,14 @@ def test_simulate_fills_drains_and_reports_starvation():
     assert len(trace.times_s) == 61
     with pytest.raises(ConfigError):
         simulate(net, hours=0)
+
+
+def test_a_mesh_cluster_file_joins_every_pair_of_sites():
+    import tomllib
+
+    from qkd_sim.network import mesh_toml
+
+    net = Network.from_dict(tomllib.loads(mesh_toml("m", 2, ["a", "b", "c"], client_saes=["h1", "an"])))
+    assert net.n == 3 and net.k == 2 and net.client_site.name == "client"
+    assert net.client_site.saes == ("h1", "an") and len(net.links) == 6
+    assert all(link.rate_bps == float("inf") for link in net.links)

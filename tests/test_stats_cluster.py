@@ -25,6 +25,7 @@ from scipy import stats as sst
 
 from client import cluster
 from client.storage import QStore
+from qkd_sim.network import mesh_toml
 from qstore.cluster import ClusterState
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,13 +46,7 @@ weight = { type = "fixed", decimals = 1, min = 20, max = 250 }
 
 
 def _config() -> str:
-    sites = "".join(f'[[sites]]\nname = "{s}"\n' for s in SITES)
-    sites += '[[sites]]\nname = "client"\nnode = false\nsaes = ["hospital-a", "hospital-b", "hospital-c", ' \
-             '"analyst"]\n'
-    names = list(SITES) + ["client"]
-    links = "".join(f'[[links]]\na = "{a}"\nb = "{b}"\nrate = "unlimited"\n'
-                    for i, a in enumerate(names) for b in names[i + 1:])
-    return f'[cluster]\nname = "stats"\nk = 2\n\n{sites}\n{links}'
+    return mesh_toml("stats", 2, SITES, client_saes=(*OWNERS, "analyst"))
 
 
 def make_data(rows: int, seed: int) -> dict[str, np.ndarray]:
