@@ -53,6 +53,7 @@ import aiohttp
 from aiohttp import web
 
 from nodes import mpc as runtime
+from nodes.blobs import open_blobs
 from nodes.mpc import KeyPool, Mailbox, QueryFailed
 from nodes.store import Store, Upload, Version
 from nodes.tables import TableInfo, TableStore, TableUpload, check_sae, check_table_name
@@ -110,6 +111,15 @@ class NodeConfig:
     t: int = 1  # MPC threshold: any t nodes learn nothing (t = k - 1 of the cluster)
     peers: tuple[Peer, ...] = ()  # the other storage nodes (MPC partners)
     mpc_round_timeout_s: float = 60.0
+    # Where committed share data lives: "local" (<data_dir>/objects) or "s3" (a bucket of an object store
+    # at this site: MinIO, Ceph RGW, AWS). Staging and the catalog stay in data_dir either way.
+    blob_store: str = "local"
+    s3_endpoint: str | None = None  # e.g. "http://minio.site1:9000"; None: AWS
+    s3_bucket: str | None = None
+    s3_prefix: str | None = None  # None: "<sae_id>/", so nodes may share a bucket
+    s3_region: str | None = None
+    s3_access_key: str | None = None  # None: boto3's chain (AWS_ACCESS_KEY_ID, profile, instance role)
+    s3_secret_key: str | None = field(default=None, repr=False)
     clock: Callable[[], float] = field(default=time.time, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -121,6 +131,10 @@ class NodeConfig:
             raise LocalError("port must be in [0, 65535]")
         if not isinstance(self.t, int) or not 1 <= self.t <= 127:
             raise LocalError("t must be in 1..127")
+        if self.blob_store not in ("local", "s3"):
+            raise LocalError("blob_store must be 'local' or 's3'")
+        if self.blob_store == "s3" and not self.s3_bucket:
+            raise LocalError("blob_store 's3' needs s3_bucket")
         if any(p.x == self.x for p in self.peers) or len({p.x for p in self.peers}) != len(self.peers):
             raise LocalError("peers must have distinct x coordinates other than this node's")
 
@@ -767,7 +781,13 @@ def _plain(obj: object) -> object:
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     c = app[CONFIG]
-    app[STORE] = await asyncio.to_thread(Store, c.data_dir, clock=c.clock, fsync=c.fsync)
+    blobs = await asyncio.to_thread(
+        open_blobs, c.blob_store, c.data_dir, fsync=c.fsync,
+        **({} if c.blob_store != "s3" else {
+            "bucket": c.s3_bucket, "endpoint_url": c.s3_endpoint, "region": c.s3_region,
+            "prefix": f"{c.sae_id}/" if c.s3_prefix is None else c.s3_prefix,
+            "access_key": c.s3_access_key, "secret_key": c.s3_secret_key}))
+    app[STORE] = await asyncio.to_thread(Store, c.data_dir, clock=c.clock, fsync=c.fsync, blobs=blobs)
     app[TABLES] = await asyncio.to_thread(TableStore, c.data_dir, clock=c.clock, fsync=c.fsync)
     await asyncio.to_thread(_warm_up)
     app[MAILBOX] = Mailbox()

@@ -5,6 +5,8 @@ Layout under the node's ``root``::
     catalog.sqlite3       the catalog (:mod:`nodes.catalog`), WAL mode
     staging/<upload>.part  the data file of an upload in progress
     objects/<object id>-<version>-<upload>.shares   the data file of a committed version
+                          (or, with an S3 blob store, the object ``<prefix><same name>`` in its bucket:
+                          :mod:`nodes.blobs`)
     lock                  flock'd while a Store has the directory open
 
 A data file holds the chunk bodies of one version in arrival order; the
@@ -38,6 +40,10 @@ to objects/ comes after that transaction and is redone when the Store opens
 (a committed upload whose file is still in staging/ is moved). So a crash
 before the transaction leaves no version (a prepared upload, or an orphan
 file, both collected by gc) and a crash after it leaves the whole version.
+With a remote blob store (S3) the staged file is uploaded *before* that
+transaction, so a version is never visible while its data is not in the
+bucket; a crash between upload and transaction leaves an orphan object, which
+gc removes. The staged file is deleted after the transaction (and at open).
 Removals go the other way: rows first, durably, then files, so a crash
 leaves an orphan file at worst, never a row without its data.
 
@@ -67,6 +73,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from nodes.blobs import BlobReader, BlobStore, LocalBlobs
 from nodes.catalog import (
     MAX_CHUNKS,
     Bucket,
@@ -244,14 +251,15 @@ def _name_some(indices: Iterator[int] | list[int]) -> str:
 class Store:
     """One node's shares and catalog under ``root``; safe to call from several threads."""
 
-    def __init__(self, root: Path, *, clock: Callable[[], float] = time.time, fsync: bool = True):
+    def __init__(self, root: Path, *, clock: Callable[[], float] = time.time, fsync: bool = True,
+                 blobs: BlobStore | None = None):
         self.root = Path(root)
         self.clock = clock
         self.fsync = fsync
         self.staging = self.root / "staging"
-        self.objects = self.root / "objects"
-        for d in (self.root, self.staging, self.objects):
+        for d in (self.root, self.staging):
             d.mkdir(parents=True, exist_ok=True)
+        self.blobs: BlobStore = blobs if blobs is not None else LocalBlobs(self.root / "objects", fsync=fsync)
         self._lockfd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -266,6 +274,7 @@ class Store:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._open: dict[str, _Open] = {}
+        self._uploaded_name: dict[str, str] = {}  # remote blobs: commits whose data is going up
         # Tests set this to copy the directory (a crash image) at named points.
         self._crash_hook: Callable[[str], None] = lambda point: None
         with self._lock:
@@ -283,6 +292,7 @@ class Store:
             self._catalog.close()
             self._catalog = None
             os.close(self._lockfd)
+            self.blobs.close()
 
     def __enter__(self) -> Store:
         return self
@@ -297,8 +307,9 @@ class Store:
             raise LocalError("the store is closed")
         return self._catalog
 
-    def _object_path(self, object_id: bytes, version: int, upload_id: str) -> Path:
-        return self.objects / f"{object_id.hex()}-{version:016x}-{upload_id}.shares"
+    @staticmethod
+    def _blob_name(object_id: bytes, version: int, upload_id: str) -> str:
+        return f"{object_id.hex()}-{version:016x}-{upload_id}.shares"
 
     def _staging_path(self, upload_id: str) -> Path:
         return self.staging / f"{upload_id}.part"
@@ -312,10 +323,11 @@ class Store:
                 continue
             v = self._db.version_of_upload(m[1])
             if v is not None:
-                os.replace(entry.path, self._object_path(v.object_id, v.version, m[1]))
+                self.blobs.adopt(Path(entry.path), self._blob_name(v.object_id, v.version, m[1]),
+                                 uploaded=False)
                 moved += 1
-        if moved and self.fsync:
-            _fsync_dir(self.objects)
+        if moved:
+            self.blobs.sync()
         return moved
 
     # -- buckets ---------------------------------------------------------------------
@@ -335,12 +347,11 @@ class Store:
                 raise NoSuchBucket(name)
             if db.has_live_object(name):
                 raise BucketNotEmpty(name)
-            doomed = [(v.object_id, v.version, u) for u in db.data_files_of_bucket(name)
+            doomed = [self._blob_name(v.object_id, v.version, u) for u in db.data_files_of_bucket(name)
                       if (v := db.version_of_upload(u)) is not None]
             db.drop_bucket(name)
-            for oid, ver, u in doomed:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._object_path(oid, ver, u))
+        for blob in doomed:  # rows are gone: a crash here leaves orphans for gc, never rows without data
+            self.blobs.delete(blob)
 
     def buckets(self) -> list[Bucket]:
         with self._lock:
@@ -371,8 +382,8 @@ class Store:
         upload_id = self._db.data_file(v.object_id, v.version)
         if upload_id is None:  # a tombstone
             return False
-        path = self._object_path(v.object_id, v.version, upload_id)
-        return self._db.has_bad(upload_id) or not path.exists()
+        return self._db.has_bad(upload_id) or not self.blobs.exists(
+            self._blob_name(v.object_id, v.version, upload_id))
 
     def _check_slot(self, up: Upload) -> bool:
         """May ``up`` write its (object_id, version) here? True when it would repair a committed copy."""
@@ -541,9 +552,18 @@ class Store:
         """Make a prepared upload a visible version, atomically; a retry returns the same Version."""
         check_upload_id(upload_id)
         meta = json.loads(encode_meta(meta))
+        uploaded = False
+        if self.blobs.remote:
+            done = self._upload_prepared(upload_id)
+            if done is not None:
+                return done
+            uploaded = True
         with self._lock:
             db = self._db
             state = self._state(upload_id)
+            name = self._uploaded_name.pop(upload_id, None)
+            if uploaded and state is State.NONE and name is not None:  # aborted while its data went up
+                self.blobs.delete(name)
             _expect(state, Event.COMMIT, upload_id)
             if state is State.COMMITTED:
                 return db.version_of_upload(upload_id)  # type: ignore[return-value]
@@ -568,15 +588,49 @@ class Store:
                 db.insert_version(tx, v, upload_id)
                 tx.execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
             self._crash_hook("commit:cataloged")
-            os.replace(src, self._object_path(u.object_id, u.version, upload_id))
+            self.blobs.adopt(src, self._blob_name(u.object_id, u.version, upload_id), uploaded=uploaded)
             self._crash_hook("commit:renamed")
-            if old_file is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._object_path(u.object_id, u.version, old_file))
             v = db.version_of_upload(upload_id)  # type: ignore[assignment]
-        if self.fsync:
-            _fsync_dir(self.objects)
+        if old_file is not None:
+            self.blobs.delete(self._blob_name(u.object_id, u.version, old_file))
+        self.blobs.sync()
         return v  # type: ignore[return-value]
+
+    def _upload_prepared(self, upload_id: str) -> Version | None:
+        """Remote blob store: put a prepared upload's data in the bucket before its commit point.
+
+        Returns the Version when the upload is committed already; raises what
+        commit would for an upload in the wrong state. Runs outside the lock.
+        """
+        with self._lock:
+            db = self._db
+            state = self._state(upload_id)
+            _expect(state, Event.COMMIT, upload_id)
+            if state is State.COMMITTED:
+                return db.version_of_upload(upload_id)
+            p = db.prepared(upload_id)
+            if p is None:  # pragma: no cover - state is PREPARED
+                raise NotFound(f"no upload {upload_id}")
+            u = p.upload
+            self._need_bucket(u.bucket)
+            self._check_slot(u)
+            src = self._staging_path(upload_id)
+            name = self._blob_name(u.object_id, u.version, upload_id)
+            self._uploaded_name[upload_id] = name
+        try:
+            self.blobs.upload(src, name)
+        except FileNotFoundError:
+            with self._lock:
+                self._uploaded_name.pop(upload_id, None)
+                if self._state(upload_id) is State.COMMITTED:  # a concurrent commit moved it
+                    return self._db.version_of_upload(upload_id)
+            raise NotFound(f"upload {upload_id} lost its staged data") from None
+        except BaseException:
+            with self._lock:
+                self._uploaded_name.pop(upload_id, None)
+            raise
+        self._crash_hook("commit:uploaded")
+        return None
 
     def abort(self, upload_id: str) -> None:
         """Forget an upload that is not committed, with its staged data; unknown ids are fine."""
@@ -694,7 +748,7 @@ class Store:
 
     # -- reading shares ----------------------------------------------------------------
 
-    def _locate(self, v: Version, index: int) -> tuple[Path, ChunkRow, Version]:
+    def _locate(self, v: Version, index: int) -> tuple[str, ChunkRow, Version]:
         if not isinstance(v, Version):
             raise LocalError("read_chunk needs a Version")
         if not isinstance(index, int) or isinstance(index, bool) or index < 0:
@@ -712,27 +766,27 @@ class Store:
                 raise NotFound(f"{v.bucket}/{v.key} version {v.version} has no chunk {index}")
             if db.is_bad(upload_id, index):
                 raise ShareCorruption(f"chunk {index} of {v.bucket}/{v.key} is known bad on this node")
-        return self._object_path(v.object_id, v.version, upload_id), row, have
+        return self._blob_name(v.object_id, v.version, upload_id), row, have
 
     def _read(self, v: Version, index: int, into: memoryview | None) -> tuple[FrameHeader, bytes | int]:
         for attempt in range(2):
-            path, row, have = self._locate(v, index)
+            name, row, have = self._locate(v, index)
+            if into is not None and len(into) < row.length:
+                raise LocalError(f"buffer of {len(into)} bytes is too small for {row.length}")
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                reader = self.blobs.open(name)
+                try:
+                    if into is None:
+                        data: bytes | int = reader.pread(row.length, row.offset)
+                        got = len(data)  # type: ignore[arg-type]
+                    else:
+                        data = got = reader.preadinto(into[: row.length], row.offset)
+                finally:
+                    reader.close()
             except FileNotFoundError:
                 if attempt == 0:  # a repair may have just replaced the file: look again
                     continue
                 raise ShareCorruption(f"chunk {index} of {v.bucket}/{v.key}: data file missing") from None
-            try:
-                if into is None:
-                    data: bytes | int = os.pread(fd, row.length, row.offset)
-                    got = len(data)  # type: ignore[arg-type]
-                else:
-                    if len(into) < row.length:
-                        raise LocalError(f"buffer of {len(into)} bytes is too small for {row.length}")
-                    data = got = os.preadv(fd, [into[: row.length]], row.offset)
-            finally:
-                os.close(fd)
             if got != row.length:
                 raise ShareCorruption(f"chunk {index} of {v.bucket}/{v.key}: data file truncated")
             header = FrameHeader(object_id=have.object_id, object_version=have.version, chunk_index=index,
@@ -779,35 +833,43 @@ class Store:
                 with db.txn() as tx:
                     for oid, ver, _, _ in old:
                         db.delete_version(tx, oid, ver)
-                for oid, ver, u, _ in old:
-                    if u is not None:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(self._object_path(oid, ver, u))
             moved = self._roll_forward()
+        for oid, ver, u, _ in old:  # rows first, durably, then the data
+            if u is not None:
+                self.blobs.delete(self._blob_name(oid, ver, u))
         orphans, orphan_bytes = self._sweep_orphans()
         return GCReport(stale, stale_bytes, len(old), sum(s for *_, s in old), orphans, orphan_bytes, moved)
 
     def _sweep_orphans(self) -> tuple[int, int]:
         """Remove data files no upload or version names (what a crash leaves behind)."""
         count = size = 0
-        for directory, pattern, group in ((self.staging, _STAGING, 1), (self.objects, _OBJECT, 3)):
-            for entry in os.scandir(directory):
-                m = pattern.fullmatch(entry.name)
-                if not m:
+        for entry in os.scandir(self.staging):
+            m = _STAGING.fullmatch(entry.name)
+            if not m:
+                continue
+            upload_id = m[1]
+            with self._lock:
+                if upload_id in self._open or self._db.prepared(upload_id) is not None:
                     continue
-                upload_id = m[group]
-                with self._lock:
-                    if directory is self.staging:
-                        keep = upload_id in self._open or self._db.prepared(upload_id) is not None
-                    else:
-                        v = self._db.version_of_upload(upload_id)
-                        keep = v is not None and (v.object_id.hex(), v.version) == (m[1], int(m[2], 16))
-                    if keep:
-                        continue
-                    with contextlib.suppress(FileNotFoundError):
-                        nbytes = entry.stat().st_size
-                        os.unlink(entry.path)
-                        count, size = count + 1, size + nbytes
+                with contextlib.suppress(FileNotFoundError):
+                    nbytes = entry.stat().st_size
+                    os.unlink(entry.path)
+                    count, size = count + 1, size + nbytes
+        for name, nbytes in list(self.blobs.scan()):
+            m = _OBJECT.fullmatch(name)
+            if not m:
+                continue
+            upload_id = m[3]
+            with self._lock:
+                v = self._db.version_of_upload(upload_id)
+                keep = v is not None and (v.object_id.hex(), v.version) == (m[1], int(m[2], 16))
+                # A remote commit uploads while its upload is still prepared: not an orphan yet.
+                keep = keep or upload_id in self._uploaded_name or (
+                    self.blobs.remote and self._db.prepared(upload_id) is not None)
+                if keep:
+                    continue
+                self.blobs.delete(name)
+                count, size = count + 1, size + nbytes
         return count, size
 
     def scrub(self, *, max_bytes: int | None = None) -> ScrubReport:
@@ -825,7 +887,7 @@ class Store:
         bad: list[BadChunk] = []
         marks: list[tuple[str, int, str]] = []
         complete = False
-        files: dict[str, int | None] = {}
+        files: dict[str, BlobReader | None] = {}
         try:
             while True:
                 with self._lock:
@@ -847,9 +909,9 @@ class Store:
                     complete = True
                     break
         finally:
-            for fd in files.values():
-                if fd is not None:
-                    os.close(fd)
+            for reader in files.values():
+                if reader is not None:
+                    reader.close()
         with self._lock:
             db = self._db
             if marks:
@@ -861,21 +923,25 @@ class Store:
                 db.set_scrub_cursor(None if complete else cursor)
         return ScrubReport(checked, nbytes, tuple(bad), complete)
 
-    def _check_chunk(self, files: dict[str, int | None], upload_id: str, oid: bytes, ver: int, offset: int,
-                     length: int, digest: bytes) -> str | None:
+    def _check_chunk(self, files: dict[str, BlobReader | None], upload_id: str, oid: bytes, ver: int,
+                     offset: int, length: int, digest: bytes) -> str | None:
         if upload_id not in files:
-            for fd in files.values():  # one data file open at a time: rows come grouped by file
-                if fd is not None:
-                    os.close(fd)
+            for reader in files.values():  # one data file open at a time: rows come grouped by file
+                if reader is not None:
+                    reader.close()
             files.clear()
             try:
-                files[upload_id] = os.open(self._object_path(oid, ver, upload_id), os.O_RDONLY | os.O_CLOEXEC)
+                files[upload_id] = self.blobs.open(self._blob_name(oid, ver, upload_id))
             except FileNotFoundError:
                 files[upload_id] = None
-        fd = files[upload_id]
-        if fd is None:
+        reader = files[upload_id]
+        if reader is None:
             return "data file missing"
-        data = os.pread(fd, length, offset)
+        try:
+            data = reader.pread(length, offset)
+        except FileNotFoundError:
+            files[upload_id] = None
+            return "data file missing"
         if len(data) != length:
             return "data file truncated"
         if not hmac.compare_digest(hashlib.sha256(data).digest(), digest):
