@@ -21,7 +21,7 @@ import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from decimal import Decimal
 from fractions import Fraction
 from pathlib import Path
@@ -207,12 +207,11 @@ class Tables:
         return live
 
     async def _schema(self, query: Any) -> Any:
-        from qstore.tables import Schema, join_schema
+        from qstore.tables import Schema, join_schema, union_schema
 
         names = list(query.tables) + ([query.join.table] if query.join is not None else [])
         infos = await asyncio.gather(*(self.describe(n) for n in names))
-        schemas = [Schema.from_json(i["schema"]) for i in infos[: len(query.tables)]]
-        schema = replace(schemas[0], min_group_size=max(s.min_group_size for s in schemas))
+        schema = union_schema([Schema.from_json(i["schema"]) for i in infos[: len(query.tables)]])
         if query.join is not None:
             schema = join_schema(schema, Schema.from_json(infos[-1]["schema"]), query.join.on)
         return schema

@@ -70,7 +70,8 @@ class BlobStore(Protocol):
     def close(self) -> None: ...
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (renames, new files) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -129,7 +130,7 @@ class LocalBlobs:
 
     def sync(self) -> None:
         if self.fsync:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
     def close(self) -> None:
         pass

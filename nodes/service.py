@@ -248,8 +248,7 @@ def _object_id(value: object) -> bytes:
 
 
 def _count(request: web.Request, peer: str, what: str, nbytes: int) -> None:
-    per_peer = request.app[STATS].setdefault(peer, {"key_in": 0, "key_out": 0, "bytes_in": 0, "bytes_out": 0})
-    per_peer[what] += nbytes
+    _count_app(request.app, peer, what, nbytes)
 
 
 # -- handlers ------------------------------------------------------------------------
@@ -658,14 +657,13 @@ async def _abort_peers(app: web.Application, peers: list[Peer], query_id: str, r
 
 def _union(infos: list[TableInfo]) -> tuple[Any, int]:
     """The schema a query over the union of ``infos`` runs with, and the total row count."""
-    from qstore.tables import Schema
+    from qstore.tables import Schema, union_schema
 
     schemas = [Schema.from_json(i.schema) for i in infos]
     for info, other in zip(infos[1:], schemas[1:], strict=True):
-        if not schemas[0].same_shape(other):
+        if not schemas[0].same_shape(other):  # checked here too, to name the tables
             raise RemoteError(f"table {info.name!r} does not have the schema of {infos[0].name!r}")
-    schema = dataclasses.replace(schemas[0], min_group_size=max(s.min_group_size for s in schemas))
-    return schema, sum(i.rows for i in infos)
+    return union_schema(schemas), sum(i.rows for i in infos)
 
 
 async def _mpc_query(request: web.Request) -> web.Response:
@@ -742,11 +740,7 @@ async def _mpc_query(request: web.Request) -> web.Response:
         _count(request, caller, "key_out", need)
         run.key_spent += need
         status = "ok"
-    except QueryFailed as exc:
-        status = f"failed: {exc}"
-        await _abort_peers(request.app, [by_x[x] for x in peers], query_id, str(exc))
-        raise
-    except QStoreError as exc:
+    except QStoreError as exc:  # QueryFailed included: a peer down, late or garbled
         status = f"failed: {exc}"
         await _abort_peers(request.app, [by_x[x] for x in peers], query_id, str(exc))
         raise

@@ -73,7 +73,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from nodes.blobs import BlobReader, BlobStore, LocalBlobs
+from nodes.blobs import BlobReader, BlobStore, LocalBlobs, fsync_dir
 from nodes.catalog import (
     MAX_CHUNKS,
     Bucket,
@@ -216,14 +216,6 @@ _STAGING = re.compile(r"([0-9a-f]{32})\.part")
 _OBJECT = re.compile(r"([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{32})\.shares")
 _SCRUB_BATCH = 256
 _MAX_NAMED = 5
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _pwrite_all(fd: int, data: BytesLike, offset: int) -> None:
@@ -521,7 +513,7 @@ class Store:
         try:
             if self.fsync:
                 os.fsync(up.fd)
-                _fsync_dir(self.staging)
+                fsync_dir(self.staging)
             self._crash_hook("prepare:synced")
         except BaseException as exc:
             with self._lock:

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from nodes.blobs import fsync_dir
 from qstore import field as F
 from qstore.errors import Conflict, Forbidden, LocalError, NoSuchTable, NotFound, RemoteError
 
@@ -230,7 +231,7 @@ class TableStore:
                     raise Conflict(f"table {up.name!r} exists (remove it first)")
                 os.replace(staged.directory, target)
                 if self.fsync:
-                    _fsync_dir(self._dir)
+                    fsync_dir(self._dir)
                 created = self.clock()
                 db.execute("INSERT INTO tables VALUES (?, ?, ?, ?, ?, ?, ?)",
                            (up.name, table_id, up.owner, json.dumps(dict(up.schema)), json.dumps(up.columns),
@@ -350,11 +351,3 @@ class TableStore:
         return [{"id": r[0], "query_id": r[1], "at": r[2], "analyst": r[3], "tables": json.loads(r[4]),
                  "query": json.loads(r[5]), "status": r[6], "revealed": json.loads(r[7]), "finished": r[8],
                  "key_spent_bytes": r[9]} for r in rows]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

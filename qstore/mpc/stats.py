@@ -43,6 +43,7 @@ from qstore import field as F
 from qstore.errors import RemoteError
 from qstore.mpc import protocols as P
 from qstore.mpc.engine import Context
+from qstore.query import expr_columns
 
 MOMENT_OPS = ("count", "sum", "mean", "var", "std", "ttest", "cov", "corr", "linreg")
 ORDER_OPS = ("min", "max", "median", "quantile")
@@ -188,30 +189,15 @@ def plan(query: Any, schema: Any) -> Plan:
     raise PlanError(f"operation {op!r} is not supported")
 
 
-def _where_columns(expr: Any) -> list[str]:
-    if expr is None:
-        return []
-    if hasattr(expr, "items"):
-        return [c for item in expr.items for c in _where_columns(item)]
-    if hasattr(expr, "item"):
-        return _where_columns(expr.item)
-    return [expr.column]
-
-
-def columns_needed(query: Any, schema: Any, side: str = "main") -> list[str]:
-    """The stored columns a node must load for ``query``."""
+def columns_needed(query: Any, schema: Any) -> list[str]:
+    """The stored columns a node must load for ``query``, each once."""
     p = plan(query, schema)
     names: list[str] = list(p.variables)
     for g in p.groups:
         names += [c for c, _ in g.indicators]
-    for c in _where_columns(query.where):
-        col = _column(schema, c)
-        names += list(col.stored_names())
-    out = []
-    for n in names:
-        if n not in out:
-            out.append(n)
-    return out
+    for c in expr_columns(query.where):
+        names += list(_column(schema, c).stored_names())
+    return list(dict.fromkeys(names))
 
 
 REVEALS = {
