@@ -760,7 +760,8 @@ def plan(net: Network, config: Path, root: Path, *, nodes: bool, epoch: float, o
         url = _url(site.host, node_ports[site.name])
         log_path = layout.log(node_sae_id(site.name)) if here(site.name) else None
         node_infos.append(NodeInfo(id=node_sae_id(site.name), site=site.name, x=xs[site.name], url=url,
-                                   data=data, log=log_path, metrics_url=url + "/metrics"))
+                                   data=data, log=log_path, metrics_url=url + "/metrics",
+                                   storage=site.storage.to_json()))
     links = [lk.to_json() for lk in deploy.link_states(net, epoch)]
     return ClusterState(directory=root, name=net.name, k=net.k, n=net.n, ca=auth.cert_path, config=config,
                         kmes=tuple(kmes), nodes=tuple(node_infos), saes=tuple(saes),

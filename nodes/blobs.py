@@ -191,7 +191,11 @@ class S3Blobs:
             try:
                 self.client.head_bucket(Bucket=bucket)
             except self._client_error() as exc:
-                if not create_bucket or self._code(exc) not in _MISSING | {"NoSuchBucket"}:
+                missing = self._code(exc) in _MISSING | {"NoSuchBucket"}
+                if missing and not create_bucket:
+                    raise BlobStoreUnavailable(f"object store s3://{bucket}/{self.prefix}: no such bucket "
+                                               "(create it first)") from None
+                if not missing:
                     raise
                 self.client.create_bucket(Bucket=bucket)
 

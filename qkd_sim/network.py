@@ -65,6 +65,41 @@ _SAE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 @dataclass(frozen=True, kw_only=True)
+class NodeStorage:
+    """Where a site's node keeps committed shares: its own disk (default) or a bucket of an object store at
+    the site (MinIO, Ceph RGW, AWS). No credentials here: cluster files travel (ConfigMaps, every host);
+    the node takes them from its environment (``AWS_ACCESS_KEY_ID``..., boto3's usual chain)."""
+
+    backend: str = "local"
+    endpoint: str | None = None  # e.g. "http://minio.north:9000"; none: AWS
+    bucket: str | None = None
+    prefix: str | None = None  # none: "<node SAE ID>/", so a site's nodes may share a bucket
+    region: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("local", "s3"):
+            raise ConfigError(f"storage backend must be \"local\" or \"s3\", not {self.backend!r}")
+        for name in ("endpoint", "bucket", "prefix", "region"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value or not value.isprintable()):
+                raise ConfigError(f"storage {name} must be a non-empty string")
+            if value is not None and self.backend == "local":
+                raise ConfigError(f"storage {name} is for backend \"s3\" (the backend is \"local\")")
+        if self.backend == "s3" and self.bucket is None:
+            raise ConfigError("storage backend \"s3\" needs a bucket")
+        if self.endpoint is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", self.endpoint):
+            raise ConfigError(f"storage endpoint {self.endpoint!r} must be an http:// or https:// URL")
+
+    def to_json(self) -> dict[str, str] | None:
+        """As ``cluster.json`` gives it to the node; None for the default (local disk)."""
+        if self.backend == "local":
+            return None
+        pairs = (("backend", self.backend), ("endpoint", self.endpoint), ("bucket", self.bucket),
+                 ("prefix", self.prefix), ("region", self.region))
+        return {k: v for k, v in pairs if v is not None}
+
+
+@dataclass(frozen=True, kw_only=True)
 class Site:
     """A place: one KME, and a storage node unless ``node`` is false (a client site)."""
 
@@ -74,8 +109,11 @@ class Site:
     kme_port: int = 0  # 0: the launcher picks a free port
     node_port: int = 0
     saes: tuple[str, ...] = ()  # extra SAE IDs at this site (organisations: data owners, analysts)
+    storage: NodeStorage = field(default_factory=NodeStorage)  # the node's share data: [sites.storage]
 
     def __post_init__(self) -> None:
+        if not isinstance(self.storage, NodeStorage):
+            raise ConfigError(f"site {self.name}: storage must be a table ([sites.storage])")
         if isinstance(self.saes, list):
             object.__setattr__(self, "saes", tuple(self.saes))
         ok = isinstance(self.saes, tuple) and all(isinstance(s, str) and _SAE_ID.fullmatch(s)
@@ -89,6 +127,8 @@ class Site:
             raise ConfigError(f"site {self.name}: host must be a non-empty string")
         if not isinstance(self.node, bool):
             raise ConfigError(f"site {self.name}: node must be true or false")
+        if not self.node and self.storage.backend != "local":
+            raise ConfigError(f"site {self.name}: storage is for a node's shares, and the site has no node")
         for name in ("kme_port", "node_port"):
             port = getattr(self, name)
             if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
@@ -302,8 +342,29 @@ def _known(entry: dict, allowed: type | set[str], where: str) -> dict:
     return entry
 
 
+_CREDENTIALS = {"access_key", "secret_key", "access_key_id", "secret_access_key", "aws_access_key_id",
+                "aws_secret_access_key", "session_token", "password"}
+
+
+def _storage(entry: object, where: str) -> NodeStorage:
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where}: storage must be a table ([sites.storage])")
+    secret = _CREDENTIALS & set(entry)
+    if secret:
+        raise ConfigError(f"{where}: [sites.storage] {', '.join(sorted(secret))}: credentials do not "
+                          "belong in the cluster file; give the node AWS_ACCESS_KEY_ID and "
+                          "AWS_SECRET_ACCESS_KEY in its environment (or a profile or instance role)")
+    _known(entry, NodeStorage, f"{where}: [sites.storage]")
+    try:
+        return NodeStorage(**entry)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 def _site(entry: dict, where: str) -> Site:
     _known(entry, Site, where)
+    if "storage" in entry:
+        entry = {**entry, "storage": _storage(entry["storage"], where)}
     try:
         return Site(**entry)
     except ConfigError as exc:

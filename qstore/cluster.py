@@ -115,6 +115,7 @@ class NodeInfo:
     data: Path | None = None
     log: Path | None = None
     metrics_url: str | None = None
+    storage: dict[str, str] | None = None  # None: shares on local disk; else [sites.storage] of the config
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -254,6 +255,10 @@ class ClusterState:
                     raise ClusterStateError(f"{source}: {name}[{i}]: {exc}") from None
                 if hasattr(item, "url"):
                     _check_url(item.url, f"{source}: {name}[{i}]")
+                storage = getattr(item, "storage", None)
+                if storage is not None and not (isinstance(storage, dict) and all(
+                        isinstance(k, str) and isinstance(v, str) for k, v in storage.items())):
+                    raise ClusterStateError(f"{source}: {name}[{i}]: storage must be an object of strings")
                 if getattr(item, "metrics_url", None) is not None:
                     _check_url(item.metrics_url, f"{source}: {name}[{i}]: metrics_url")
                 out.append(item)

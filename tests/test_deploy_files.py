@@ -276,6 +276,19 @@ def test_k8s_secret_template_names_every_file_the_pods_copy():
     assert copied == set(site1["stringData"])
 
 
+def test_k8s_nodes_take_object_store_credentials_from_an_optional_secret():
+    with_node = 0
+    for site, sts in _by_kind("StatefulSet").items():
+        containers = sts["spec"]["template"]["spec"]["containers"]
+        for c in containers:
+            if c["name"] == "node":
+                with_node += 1
+                assert c["envFrom"] == [{"secretRef": {"name": f"qstore-{site}-storage", "optional": True}}]
+            else:
+                assert "envFrom" not in c  # only the node talks to the object store
+    assert with_node == len(Network.from_toml(CLUSTER).node_sites)
+
+
 # -- systemd ----------------------------------------------------------------------------------
 
 
@@ -309,7 +322,11 @@ def test_systemd_units(unit, role):
     assert {"Unit", "Service", "Install"} <= set(cp.sections())
     service = cp["Service"]
     assert service["Type"] == "exec" and service["User"] == "qstore"
-    assert service["EnvironmentFile"] == "/etc/qstore/qstore.env"
+    env_files = [line.split("=", 1)[1] for line in (SYSTEMD / unit).read_text().splitlines()
+                 if line.startswith("EnvironmentFile=")]
+    # a node's object-store credentials ([sites.storage] backend "s3") in an optional file of its own
+    storage = ["-/etc/qstore/storage-%i.env"] if role == "node" else []
+    assert env_files == ["/etc/qstore/qstore.env", *storage]
     assert service["NoNewPrivileges"] == "yes" and service["ProtectSystem"] == "strict"
     assert env["QSTORE_HOME"] in service["ReadWritePaths"].split()
     assert service["StateDirectory"] == Path(env["QSTORE_HOME"]).name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -209,3 +210,133 @@ async def test_cluster_round_trip_with_every_node_on_s3(tmp_path, s3_url, s3, bu
     assert len(prefixes) == len(cluster.sites)  # one prefix per node: <sae id>/
     for site in cluster.sites:
         assert not (tmp_path / "nodes" / site / "objects").exists()
+
+
+S3_CLUSTER = """
+[cluster]
+name = "s3sites"
+k = 2
+[[sites]]
+name = "north"
+[sites.storage]
+backend = "s3"
+endpoint = "{url}"
+bucket = "{bucket}"
+[[sites]]
+name = "south"
+[sites.storage]
+backend = "s3"
+endpoint = "{url}"
+bucket = "{bucket}"
+prefix = "south-shares/"
+region = "eu-central-1"
+[[sites]]
+name = "east"          # local disk, the default
+[[sites]]
+name = "desk"
+node = false
+[[links]]
+a = "desk"
+b = "north"
+rate = "unlimited"
+[[links]]
+a = "desk"
+b = "south"
+rate = "unlimited"
+[[links]]
+a = "desk"
+b = "east"
+rate = "unlimited"
+[[links]]
+a = "north"
+b = "south"
+rate = "unlimited"
+[[links]]
+a = "south"
+b = "east"
+rate = "unlimited"
+"""
+
+
+def test_the_cluster_file_puts_a_sites_shares_in_its_bucket(tmp_path, s3_url, s3, bucket):
+    """`[sites.storage]` in the cluster file: `cluster up` starts those nodes on the bucket (credentials from
+    the environment), the other node on its disk; cluster.json carries no secret."""
+    from client import cluster
+    from client.storage import QStore
+    from nodes.service import NodeConfig
+
+    conf = tmp_path / "sites.toml"
+    conf.write_text(S3_CLUSTER.format(url=s3_url, bucket=bucket))
+    root = tmp_path / "state"
+    state = cluster.up(conf, root, gateway=False, timeout_s=60)
+    try:
+        assert state.node("north").storage == {"backend": "s3", "endpoint": s3_url, "bucket": bucket}
+        assert state.node("east").storage is None
+        south = NodeConfig.from_state(state, "south")
+        assert (south.blob_store, south.s3_bucket, south.s3_prefix, south.s3_region, south.s3_secret_key) == (
+            "s3", bucket, "south-shares/", "eu-central-1", None)
+        assert NodeConfig.from_state(state, "east").blob_store == "local"
+        assert "testing" not in (root / "cluster.json").read_text()
+        data = os.urandom(3 * (64 << 10) + 5)
+
+        async def round_trip() -> bytes:
+            async with QStore(state, chunk_size=64 << 10) as qs:
+                await qs.create_bucket("study")
+                await qs.put("study", "obj", data)
+                return await qs.get_bytes("study", "obj")
+
+        assert asyncio.run(round_trip()) == data
+    finally:
+        cluster.down(root)
+    prefixes = {k.split("/", 1)[0] for k in keys(s3, bucket)}
+    assert prefixes == {"node.north", "south-shares"}
+    for site in ("north", "south"):
+        assert not (root / "nodes" / site / "objects").exists()
+    assert files(root / "nodes" / "east" / "objects")  # the east node kept its shares on disk
+
+
+@pytest.mark.parametrize(("storage", "says"), [
+    ('backend = "s3"\nbucket = "b"\nsecret_key = "x"', "credentials do not belong in the cluster file"),
+    ('backend = "s3"\nbucket = "b"\naws_access_key_id = "x"', "AWS_ACCESS_KEY_ID"),
+    ('backend = "s3"', 'backend "s3" needs a bucket'),
+    ('backend = "ceph"', 'must be "local" or "s3"'),
+    ('bucket = "b"', 'storage bucket is for backend "s3"'),
+    ('backend = "s3"\nbucket = "b"\nendpoint = "minio:9000"', "must be an http:// or https:// URL"),
+    ('backend = "s3"\nbucket = ""', "bucket must be a non-empty string"),
+    ('backend = "s3"\nbucket = "b"\nbukket = "c"', "unknown key(s) bukket"),
+])
+def test_bad_storage_sections_are_refused_naming_the_site(storage, says):
+    from qkd_sim.network import ConfigError, Network
+
+    text = f'[[sites]]\nname = "a"\n[sites.storage]\n{storage}\n[[sites]]\nname = "b"\n'
+    text += '[[links]]\na = "a"\nb = "b"\nrate = "unlimited"\n[cluster]\nk = 2\n'
+    with pytest.raises(ConfigError) as err:
+        Network.from_dict(__import__("tomllib").loads(text), source="x.toml")
+    assert says in str(err.value) and "(a)" in str(err.value)
+    assert "\"x\"" not in str(err.value)
+
+
+def test_storage_on_a_site_without_a_node_is_refused():
+    from qkd_sim.network import ConfigError, Network
+
+    desk = {"name": "desk", "node": False, "storage": {"backend": "s3", "bucket": "x"}}
+    doc = {"cluster": {"k": 2}, "sites": [{"name": "a"}, {"name": "b"}, desk],
+        "links": [{"a": "a", "b": "b", "rate": "unlimited"}, {"a": "desk", "b": "a", "rate": "unlimited"}]}
+    with pytest.raises(ConfigError, match="has no node"):
+        Network.from_dict(doc)
+    doc["sites"][2]["storage"] = "s3://x"
+    with pytest.raises(ConfigError, match="must be a table"):
+        Network.from_dict(doc)
+
+
+def test_up_fails_clearly_when_a_sites_bucket_is_missing(tmp_path, s3_url):
+    from client import cluster
+
+    conf = tmp_path / "sites.toml"
+    conf.write_text(S3_CLUSTER.format(url=s3_url, bucket="no-such-bucket-here"))
+    root = tmp_path / "state"
+    with pytest.raises(cluster.ClusterStartError) as err:
+        cluster.up(conf, root, gateway=False, timeout_s=60)
+    assert "node.north" in str(err.value) and "s3://no-such-bucket-here/node.north/: no such bucket" in str(
+        err.value)
+    assert not (root / "cluster.json").exists()
