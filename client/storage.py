@@ -49,7 +49,7 @@ from typing import Any, BinaryIO
 import aiohttp
 import numpy as np
 
-from qkd_sim import pki
+from qkd_sim import observability, pki
 from qkd_sim.envelope_keys import envelope_keys, opening_keys
 from qkd_sim.sae import SAEClient, SAEConfig
 from qstore import otp
@@ -277,7 +277,8 @@ class QStore:
                                                      self._sae_config.ca)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.node_timeout_s)
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=0),
-                                              timeout=timeout)
+                                              timeout=timeout,
+                                              trace_configs=[observability.propagate_request_ids()])
         self._sae = await SAEClient(self._sae_config, session=self._session).__aenter__()
         self._nodes = [_Node(info, self._session) for info in sorted(self.state.nodes, key=lambda i: i.x)]
         return self

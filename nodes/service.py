@@ -793,7 +793,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     peer_timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=c.mpc_round_timeout_s)
     app[PEER_SESSION] = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(ssl=pki.client_ssl_context(c.cert, c.key, c.ca), limit=0),
-        timeout=peer_timeout)
+        timeout=peer_timeout, trace_configs=[observability.propagate_request_ids()])
     sae = SAEClient(SAEConfig(sae_id=c.sae_id, kme_url=c.kme_url, cert=c.cert, key=c.key, ca=c.ca,
                               key_size=8 * 2**20, batch=8, wait_s=c.key_wait_s))
     app[SAE] = await sae.__aenter__()

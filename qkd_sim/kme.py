@@ -287,7 +287,7 @@ async def _relay_session(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     app[PEER_SSL] = {peer: peer_ssl_context(config.cert, config.key, config.ca, peer)
                      for peer in config.peers}
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(trace_configs=[observability.propagate_request_ids()]) as session:
         app[SESSION] = session
         yield
 

@@ -21,6 +21,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import aiohttp
 from aiohttp import web
 from prometheus_client.exposition import choose_encoder
 
@@ -46,6 +47,21 @@ class Telemetry:
     operation: Operation | None = None
     require_client_cert: bool = True
     before_scrape: list[Hook] = field(default_factory=list)
+
+
+def propagate_request_ids() -> aiohttp.TraceConfig:
+    """For a client session: every request carries the ID of the request being served, so one ID follows
+    an S3 request through the gateway, the nodes and the KMEs in all their log lines."""
+
+    async def start(session: aiohttp.ClientSession, ctx: object,
+                    params: aiohttp.TraceRequestStartParams) -> None:
+        rid = telemetry.request_id.get()
+        if rid is not None and REQUEST_ID_HEADER not in params.headers:
+            params.headers[REQUEST_ID_HEADER] = rid
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(start)
+    return trace
 
 
 TELEMETRY = web.AppKey("telemetry", Telemetry)

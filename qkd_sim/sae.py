@@ -36,7 +36,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from qkd_sim import pki
+from qkd_sim import observability, pki
 from qkd_sim.etsi014 import Error as ErrorBody
 from qkd_sim.etsi014 import (
     EtsiError,
@@ -186,7 +186,8 @@ class SAEClient:
         if self._session is None:
             ctx = pki.client_ssl_context(self.config.cert, self.config.key, self.config.ca)
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx),
-                                                  read_bufsize=_READ_BUFFER)
+                                                  read_bufsize=_READ_BUFFER,
+                                                  trace_configs=[observability.propagate_request_ids()])
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -339,7 +339,12 @@ async def test_kme_node_and_gateway_metrics_and_logs(tmp_path, captured):
     assert probe and probe[0]["operation"] == "status" and probe[0]["status"] == 200
     assert probe[0]["sae"] == CLIENT_SAE and "?" not in probe[0]["path"]
     assert by_id[unmatched][0]["operation"] == "unmatched"
-    assert [line["operation"] for line in by_id[put_id] if line["logger"] == "qstore.access"] == ["PutObject"]
+    # the PutObject's ID followed it downstream, into the nodes' and the KMEs' log lines
+    put_lines = [line for line in by_id[put_id] if line["logger"] == "qstore.access"]
+    assert [line["operation"] for line in put_lines].count("PutObject") == 1
+    ops = {line["operation"] for line in put_lines}
+    # the gateway's client asks its KME for keys; the nodes store the (small, one-shot) share and ask theirs
+    assert {"PutObject", "enc_keys", "oneshot", "dec_keys"} <= ops, ops
     text = captured.getvalue()
     assert len(secrets) > 10
     leaked = [s for s in secrets if s in text]
