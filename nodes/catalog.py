@@ -1,4 +1,4 @@
-"""What a storage node knows, in SQLite: buckets, committed versions, and where each chunk lies.
+"""What a storage node knows, in SQLite (or PostgreSQL): buckets, committed versions, where each chunk lies.
 
 The share bytes themselves live in one data file per version (see
 :mod:`nodes.store`); the catalog holds, per data file, one row per chunk
@@ -19,6 +19,13 @@ Tables::
 Keys are TEXT under SQLite's BINARY collation, which compares UTF-8 bytes:
 listings come out in the byte order of the keys' UTF-8, as S3 lists them.
 
+A large node may keep its catalog in PostgreSQL instead (``catalog =
+"postgresql://..."``): one schema per node, held by an advisory lock so that
+two nodes never share one, text columns under the "C" collation (byte
+order again). The SQL below is written once for both: ``?`` parameters,
+``ON CONFLICT`` upserts and a quoted ``"offset"`` column; :class:`_Postgres`
+gives psycopg the few calls of sqlite3's connection that the catalog uses.
+
 The records (:class:`Upload`, :class:`Version`, :class:`Bucket`) are frozen
 and validate what comes from outside on construction, as h11's events do.
 Not thread-safe: :class:`nodes.store.Store` holds its lock around every call.
@@ -35,11 +42,14 @@ import ipaddress
 import json
 import re
 import sqlite3
+import urllib.parse
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qstore.cluster import check_catalog_url
 from qstore.errors import LocalError
 
 MAX_KEY_BYTES = 1024
@@ -212,7 +222,7 @@ CREATE TABLE IF NOT EXISTS uploads (
 CREATE TABLE IF NOT EXISTS chunks (
     upload_id TEXT NOT NULL,
     idx INTEGER NOT NULL,
-    offset INTEGER NOT NULL,
+    "offset" INTEGER NOT NULL,
     length INTEGER NOT NULL,
     digest BLOB NOT NULL,
     PRIMARY KEY (upload_id, idx)
@@ -253,9 +263,16 @@ class PreparedUpload:
 
 
 class Catalog:
-    """The SQLite half of a node's store; every method is one statement or one transaction."""
+    """The SQL half of a node's store; every method is one statement or one transaction.
 
-    def __init__(self, path: Path, *, fsync: bool = True):
+    ``path``: the SQLite file; ``url``: a PostgreSQL database instead (``schema``
+    in it is this node's, made on first use).
+    """
+
+    def __init__(self, path: Path, *, fsync: bool = True, url: str | None = None, schema: str | None = None):
+        if url is not None:
+            self.db: Any = _Postgres(url, schema or "qstore")
+            return
         # One connection, used from whichever thread holds the Store's lock.
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
@@ -274,9 +291,9 @@ class Catalog:
         self.db.close()
 
     @contextlib.contextmanager
-    def txn(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
-        self.db.execute("BEGIN IMMEDIATE")
+    def txn(self) -> Iterator[Any]:
+        """BEGIN IMMEDIATE (SQLite) or BEGIN ... COMMIT, or ROLLBACK on any exception."""
+        self.db.execute(self.db.begin if isinstance(self.db, _Postgres) else "BEGIN IMMEDIATE")
         try:
             yield self.db
         except BaseException:
@@ -288,7 +305,8 @@ class Catalog:
 
     def add_bucket(self, name: str, created: float) -> bool:
         with self.txn() as db:
-            cur = db.execute("INSERT OR IGNORE INTO buckets (name, created) VALUES (?, ?)", (name, created))
+            cur = db.execute("INSERT INTO buckets (name, created) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                             (name, created))
             return cur.rowcount == 1
 
     def has_bucket(self, name: str) -> bool:
@@ -366,13 +384,13 @@ class Catalog:
         for row in cur:
             yield _version(row)
 
-    def insert_version(self, db: sqlite3.Connection, v: Version, upload_id: str | None) -> None:
+    def insert_version(self, db: Any, v: Version, upload_id: str | None) -> None:
         db.execute(
             f"INSERT INTO versions ({_VCOLS}, upload_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (v.bucket, v.key, v.object_id, v.version, v.x, v.k, v.n, v.chunks, v.share_bytes,
              int(v.deleted), v.committed_at, encode_meta(v.meta), upload_id))
 
-    def delete_version(self, db: sqlite3.Connection, object_id: bytes, version: int) -> None:
+    def delete_version(self, db: Any, object_id: bytes, version: int) -> None:
         """Remove a version's row and its data file's rows (the file itself is the caller's)."""
         row = db.execute("SELECT upload_id FROM versions WHERE object_id = ? AND version = ?",
                          (object_id, version)).fetchone()
@@ -381,7 +399,7 @@ class Catalog:
         db.execute("DELETE FROM versions WHERE object_id = ? AND version = ?", (object_id, version))
 
     @staticmethod
-    def _drop_file_rows(db: sqlite3.Connection, upload_id: str) -> None:
+    def _drop_file_rows(db: Any, upload_id: str) -> None:
         db.execute("DELETE FROM chunks WHERE upload_id = ?", (upload_id,))
         db.execute("DELETE FROM bad_chunks WHERE upload_id = ?", (upload_id,))
 
@@ -396,7 +414,7 @@ class Catalog:
                  SELECT object_id, version, upload_id, share_bytes,
                         MIN(committed_at) OVER (PARTITION BY bucket, key ORDER BY version DESC, object_id DESC
                                                 ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS since
-                 FROM versions)
+                 FROM versions) AS s
                WHERE since IS NOT NULL AND since < ?""", (before,))]
 
     # -- uploads and chunks --------------------------------------------------------
@@ -430,7 +448,7 @@ class Catalog:
 
     def chunk(self, upload_id: str, index: int) -> ChunkRow | None:
         row = self.db.execute(
-            "SELECT idx, offset, length, digest FROM chunks WHERE upload_id = ? AND idx = ?",
+            'SELECT idx, "offset", length, digest FROM chunks WHERE upload_id = ? AND idx = ?',
             (upload_id, index)).fetchone()
         return ChunkRow(row[0], row[1], row[2], bytes(row[3])) if row else None
 
@@ -453,15 +471,15 @@ class Catalog:
         """Record (upload_id, index, reason) of chunks whose file is still a version's data file."""
         with self.txn() as db:
             for upload_id, index, reason in marks:
-                db.execute("INSERT OR IGNORE INTO bad_chunks SELECT ?, ?, ?, ? "
-                           "WHERE EXISTS (SELECT 1 FROM versions WHERE upload_id = ?)",
+                db.execute("INSERT INTO bad_chunks SELECT ?, ?, ?, ? "
+                           "WHERE EXISTS (SELECT 1 FROM versions WHERE upload_id = ?) ON CONFLICT DO NOTHING",
                            (upload_id, index, reason, at, upload_id))
 
     def scrub_batch(self, after: tuple[str, int] | None, limit: int) -> list[tuple[Any, ...]]:
         """Committed chunks after ``after`` in (upload_id, index) order, with their version's names."""
         u, i = after if after is not None else ("", -1)
         return self.db.execute(
-            "SELECT c.upload_id, c.idx, c.offset, c.length, c.digest, "
+            'SELECT c.upload_id, c.idx, c."offset", c.length, c.digest, '
             "v.bucket, v.key, v.object_id, v.version "
             "FROM chunks AS c JOIN versions AS v ON v.upload_id = c.upload_id "
             "WHERE c.upload_id > ? OR (c.upload_id = ? AND c.idx > ?) ORDER BY c.upload_id, c.idx LIMIT ?",
@@ -476,7 +494,8 @@ class Catalog:
             if at is None:
                 db.execute("DELETE FROM scrub_cursor")
             else:
-                db.execute("INSERT OR REPLACE INTO scrub_cursor (id, upload_id, idx) VALUES (1, ?, ?)", at)
+                db.execute("INSERT INTO scrub_cursor (id, upload_id, idx) VALUES (1, ?, ?) ON CONFLICT (id) "
+                           "DO UPDATE SET upload_id = excluded.upload_id, idx = excluded.idx", at)
 
     # -- figures -------------------------------------------------------------------
 
@@ -487,12 +506,94 @@ class Catalog:
             "objects": one(f"SELECT COUNT(*) FROM versions AS v WHERE v.deleted = 0 AND {_NEWEST}")
             .fetchone()[0],
             "versions": one("SELECT COUNT(*) FROM versions").fetchone()[0],
-            "stored_bytes": one("SELECT COALESCE(SUM(share_bytes), 0) FROM versions").fetchone()[0],
+            "stored_bytes": int(one("SELECT COALESCE(SUM(share_bytes), 0) FROM versions").fetchone()[0]),
             "prepared_uploads": one("SELECT COUNT(*) FROM uploads").fetchone()[0],
-            "prepared_bytes": one("SELECT COALESCE(SUM(size), 0) FROM uploads").fetchone()[0],
+            "prepared_bytes": int(one("SELECT COALESCE(SUM(size), 0) FROM uploads").fetchone()[0]),
             "bad_chunks": one("SELECT COUNT(*) FROM bad_chunks").fetchone()[0],
         }
 
 
 def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
+
+
+# -- PostgreSQL ----------------------------------------------------------------------------------
+
+_PG_SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def catalog_schema_for(sae_id: str) -> str:
+    """The default schema of a node's catalog: ``qstore_`` and its SAE ID in lower case, ``_`` for others."""
+    return ("qstore_" + re.sub(r"[^a-z0-9_]", "_", sae_id.lower()))[:63]
+
+
+def _pg_schema() -> list[str]:
+    out = []
+    for statement in _statements(SCHEMA):
+        statement = statement.replace(" WITHOUT ROWID", "").replace("BLOB", "BYTEA")
+        statement = statement.replace("REAL", "DOUBLE PRECISION").replace("INTEGER", "BIGINT")
+        out.append(re.sub(r"\bTEXT\b", 'TEXT COLLATE "C"', statement))
+    return out
+
+
+class _Postgres:
+    """psycopg, answering the calls the catalog makes of sqlite3's connection: execute, executemany, close."""
+
+    begin = "BEGIN"
+
+    def __init__(self, url: str, schema: str):
+        try:
+            import psycopg
+        except ImportError:
+            raise LocalError("a PostgreSQL catalog needs psycopg (pip install 'psycopg[binary]')") from None
+        check_catalog_url(url)
+        if not _PG_SCHEMA.fullmatch(schema):
+            raise LocalError(f"catalog schema {schema!r}: lower-case letters, digits and _ (at most 63)")
+        self.where = _redacted(url)
+        try:
+            self.conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise LocalError(f"catalog {self.where}: cannot connect ({_first_line(exc)})") from None
+        try:
+            # a node holds its schema for as long as it runs: a second node on it would corrupt both
+            (mine,) = self.conn.execute("SELECT pg_try_advisory_lock(?, ?)".replace("?", "%s"),
+                                        (_LOCK_CLASS, zlib.crc32(schema.encode()) - 2**31)).fetchone()
+            if not mine:
+                raise LocalError(f"catalog {self.where} schema {schema} is in use by another store")
+            self.conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            self.conn.execute(f'SET search_path TO "{schema}"')
+            with self.conn.transaction():
+                self.conn.execute("CREATE TABLE IF NOT EXISTS catalog_version (id INTEGER PRIMARY KEY "
+                                  "CHECK (id = 1), version INTEGER NOT NULL)")
+                row = self.conn.execute("SELECT version FROM catalog_version FOR UPDATE").fetchone()
+                if row is not None and row[0] != SCHEMA_VERSION:
+                    raise LocalError(f"catalog schema {row[0]} is newer than this code ({SCHEMA_VERSION})")
+                for statement in _pg_schema():
+                    self.conn.execute(statement)
+                if row is None:
+                    self.conn.execute("INSERT INTO catalog_version VALUES (1, %s)", (SCHEMA_VERSION,))
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def execute(self, sql: str, params: tuple[Any, ...] | list[Any] = ()) -> Any:
+        return self.conn.execute(sql.replace("?", "%s"), params)
+
+    def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(sql.replace("?", "%s"), rows)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+_LOCK_CLASS = 0x7153  # "qS": the advisory-lock class of catalog schemas
+
+
+def _redacted(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(query="", fragment=""))
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

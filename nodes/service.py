@@ -54,6 +54,7 @@ from aiohttp import web
 
 from nodes import mpc as runtime
 from nodes.blobs import open_blobs
+from nodes.catalog import catalog_schema_for
 from nodes.mpc import KeyPool, Mailbox, QueryFailed
 from nodes.store import Store, Upload, Version
 from nodes.tables import TableInfo, TableStore, TableUpload, check_sae, check_table_name
@@ -62,7 +63,7 @@ from qkd_sim.envelope_keys import envelope_keys, opening_keys
 from qkd_sim.kme import caller_of
 from qkd_sim.sae import KMEError, SAEClient, SAEConfig
 from qstore import otp, telemetry
-from qstore.cluster import ClusterState, node_sae_id
+from qstore.cluster import ClusterState, check_catalog_url, node_sae_id
 from qstore.errors import Forbidden, LocalError, QStoreError, RemoteError, SealError
 from qstore.framing import HEADER_SIZE, split_frame
 
@@ -120,6 +121,10 @@ class NodeConfig:
     s3_region: str | None = None
     s3_access_key: str | None = None  # None: boto3's chain (AWS_ACCESS_KEY_ID, profile, instance role)
     s3_secret_key: str | None = field(default=None, repr=False)
+    # The catalog: SQLite in data_dir (None), or a PostgreSQL URL without password (PGPASSWORD, ~/.pgpass)
+    # and this node's schema there (None: "qstore_<sae id>").
+    catalog_url: str | None = None
+    catalog_schema: str | None = None
     clock: Callable[[], float] = field(default=time.time, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -135,6 +140,8 @@ class NodeConfig:
             raise LocalError("blob_store must be 'local' or 's3'")
         if self.blob_store == "s3" and not self.s3_bucket:
             raise LocalError("blob_store 's3' needs s3_bucket")
+        if self.catalog_url is not None:
+            check_catalog_url(self.catalog_url)
         if any(p.x == self.x for p in self.peers) or len({p.x for p in self.peers}) != len(self.peers):
             raise LocalError("peers must have distinct x coordinates other than this node's")
 
@@ -149,6 +156,8 @@ class NodeConfig:
         storage = node.storage or {}
         blobs = {f"s3_{name}": storage[name] for name in ("endpoint", "bucket", "prefix", "region")
                  if name in storage}
+        blobs |= {f"catalog_{name}": storage[f"catalog{suffix}"] for name, suffix in (("url", ""),
+                  ("schema", "_schema")) if f"catalog{suffix}" in storage}
         blobs["blob_store"] = storage.get("backend", "local")
         return cls(**{
             "site": node.site, "sae_id": node.id, "x": node.x, "t": max(1, state.k - 1), "peers": peers,
@@ -785,7 +794,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             "bucket": c.s3_bucket, "endpoint_url": c.s3_endpoint, "region": c.s3_region,
             "prefix": f"{c.sae_id}/" if c.s3_prefix is None else c.s3_prefix,
             "access_key": c.s3_access_key, "secret_key": c.s3_secret_key}))
-    app[STORE] = await asyncio.to_thread(Store, c.data_dir, clock=c.clock, fsync=c.fsync, blobs=blobs)
+    schema = c.catalog_schema or catalog_schema_for(c.sae_id)
+    app[STORE] = await asyncio.to_thread(Store, c.data_dir, clock=c.clock, fsync=c.fsync, blobs=blobs,
+                                         catalog_url=c.catalog_url, catalog_schema=schema)
     app[TABLES] = await asyncio.to_thread(TableStore, c.data_dir, clock=c.clock, fsync=c.fsync)
     await asyncio.to_thread(_warm_up)
     app[MAILBOX] = Mailbox()

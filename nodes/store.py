@@ -244,7 +244,8 @@ class Store:
     """One node's shares and catalog under ``root``; safe to call from several threads."""
 
     def __init__(self, root: Path, *, clock: Callable[[], float] = time.time, fsync: bool = True,
-                 blobs: BlobStore | None = None):
+                 blobs: BlobStore | None = None, catalog_url: str | None = None,
+                 catalog_schema: str | None = None):
         self.root = Path(root)
         self.clock = clock
         self.fsync = fsync
@@ -259,7 +260,8 @@ class Store:
             os.close(self._lockfd)
             raise LocalError(f"{self.root} is in use by another store") from None
         try:
-            self._catalog: Catalog | None = Catalog(self.root / "catalog.sqlite3", fsync=fsync)
+            self._catalog: Catalog | None = Catalog(self.root / "catalog.sqlite3", fsync=fsync,
+                                                    url=catalog_url, schema=catalog_schema)
         except BaseException:
             os.close(self._lockfd)
             raise

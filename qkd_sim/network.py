@@ -51,6 +51,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from qstore.cluster import check_catalog_url
 from qstore.errors import LocalError
 
 DEFAULT_CAPACITY_BITS = float(2**33)
@@ -75,8 +76,19 @@ class NodeStorage:
     bucket: str | None = None
     prefix: str | None = None  # none: "<node SAE ID>/", so a site's nodes may share a bucket
     region: str | None = None
+    # The node's catalog: SQLite on its disk (none) or PostgreSQL for large nodes, password-free URL
+    catalog: str | None = None  # e.g. "postgresql://qstore@db.north/qstore"
+    catalog_schema: str | None = None  # none: "qstore_<node SAE ID>"
 
     def __post_init__(self) -> None:
+        if self.catalog is not None:
+            try:
+                check_catalog_url(self.catalog)
+            except LocalError as exc:
+                raise ConfigError(f"storage {exc}") from None
+        if self.catalog_schema is not None and (not isinstance(self.catalog_schema, str) or not re.fullmatch(
+                r"[a-z_][a-z0-9_]{0,62}", self.catalog_schema)):
+            raise ConfigError("storage catalog_schema: lower-case letters, digits and _ (at most 63)")
         if self.backend not in ("local", "s3"):
             raise ConfigError(f"storage backend must be \"local\" or \"s3\", not {self.backend!r}")
         for name in ("endpoint", "bucket", "prefix", "region"):
@@ -91,11 +103,12 @@ class NodeStorage:
             raise ConfigError(f"storage endpoint {self.endpoint!r} must be an http:// or https:// URL")
 
     def to_json(self) -> dict[str, str] | None:
-        """As ``cluster.json`` gives it to the node; None for the default (local disk)."""
-        if self.backend == "local":
+        """As ``cluster.json`` gives it to the node; None for the default (local disk, SQLite)."""
+        if self == NodeStorage():
             return None
         pairs = (("backend", self.backend), ("endpoint", self.endpoint), ("bucket", self.bucket),
-                 ("prefix", self.prefix), ("region", self.region))
+                 ("prefix", self.prefix), ("region", self.region), ("catalog", self.catalog),
+                 ("catalog_schema", self.catalog_schema))
         return {k: v for k, v in pairs if v is not None}
 
 
@@ -127,7 +140,7 @@ class Site:
             raise ConfigError(f"site {self.name}: host must be a non-empty string")
         if not isinstance(self.node, bool):
             raise ConfigError(f"site {self.name}: node must be true or false")
-        if not self.node and self.storage.backend != "local":
+        if not self.node and self.storage != NodeStorage():
             raise ConfigError(f"site {self.name}: storage is for a node's shares, and the site has no node")
         for name in ("kme_port", "node_port"):
             port = getattr(self, name)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -87,6 +88,20 @@ def state_dir(explicit: str | os.PathLike[str] | None = None, env: Mapping[str, 
     if env.get(ENV_HOME):
         return Path(env[ENV_HOME]).absolute()
     return Path(DEFAULT_STATE).absolute()
+
+
+_PG_URL = re.compile(r"postgres(ql)?://\S+")
+
+
+def check_catalog_url(url: object) -> str:
+    """A node catalog's PostgreSQL URL, without a password in it (libpq takes that from PGPASSWORD or
+    ~/.pgpass: cluster files and cluster.json are copied around and must hold no secret)."""
+    if not isinstance(url, str) or not _PG_URL.fullmatch(url):
+        raise LocalError("catalog must be a postgresql://USER@HOST[:PORT]/DATABASE URL")
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is not None or "password" in urllib.parse.parse_qs(parts.query):
+        raise LocalError("catalog URL: no password in it (give the node PGPASSWORD or a ~/.pgpass file)")
+    return url
 
 
 def _check_url(url: object, where: str) -> str:

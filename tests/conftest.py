@@ -19,3 +19,12 @@ BACKENDS = linmap.available_backends()
 @pytest.fixture(params=BACKENDS)
 def backend(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A PostgreSQL server of this test session (tests/pgserver.py): the URL of its database `qstore`."""
+    import pgserver
+
+    with pgserver.server() as url:
+        yield url

@@ -43,9 +43,14 @@ def clock() -> Clock:
     return c
 
 
-@pytest.fixture
-def store(tmp_path: Path, clock: Clock):
-    with Store(tmp_path / "node", clock=clock, fsync=False) as s:
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path: Path, clock: Clock):
+    """A store on each catalog: SQLite in its directory (the default), and a schema of a PostgreSQL server."""
+    pg = {}
+    if request.param == "postgres":
+        pg = {"catalog_url": request.getfixturevalue("postgres_url"),
+              "catalog_schema": f"t_{uuid.uuid4().hex[:12]}"}
+    with Store(tmp_path / "node", clock=clock, fsync=False, **pg) as s:
         s.create_bucket("bkt")
         yield s
 
@@ -166,7 +171,7 @@ def test_upload_fields_are_validated():
             Upload(**{**good, **bad})
 
 
-def test_paths_never_come_from_names(store: Store):
+def test_paths_never_come_from_names(request, store: Store):
     """Hostile keys land in the catalog only: every file on disk is named by hex identifiers."""
     for i, key in enumerate(["../../escape", "/etc/passwd", "a/../../b", "..", "con", "x" * 1024]):
         put(store, upload(key, version=i), bodies(1))
@@ -174,8 +179,10 @@ def test_paths_never_come_from_names(store: Store):
     names = files_under(store.root, "objects") + files_under(store.root, "staging")
     assert len(names) == 7
     assert all(re.fullmatch(r"[0-9a-f]{32}(-[0-9a-f]{16}-[0-9a-f]{32}\.shares|\.part)", n) for n in names)
-    assert sorted(p.name for p in store.root.iterdir()) == [
-        "catalog.sqlite3", "catalog.sqlite3-shm", "catalog.sqlite3-wal", "lock", "objects", "staging"]
+    sqlite = ["catalog.sqlite3", "catalog.sqlite3-shm", "catalog.sqlite3-wal"]
+    on_sqlite = request.node.callspec.params["store"] == "sqlite"
+    assert sorted(p.name for p in store.root.iterdir()) == [*(sqlite if on_sqlite else []), "lock", "objects",
+                                                            "staging"]
     with pytest.raises(InvalidName):
         store.abort("../../catalog.sqlite3" + "0" * 11)
 
