@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from qkd_sim.pool import MAX_KEY_BITS, KeyIDNotYours, LinkConfig, LinkPool
+from qkd_sim.pool import DEFAULT_CAPACITY_BITS, MAX_KEY_BITS, KeyIDNotYours, LinkConfig, LinkPool
 from qstore import b64
 from qstore.b64 import writable_bytes
 from qstore.errors import LocalError, RemoteError
@@ -976,7 +976,9 @@ class KMECore:
             if link.peer == kme_id or link.peer in self._out:
                 raise LocalError(f"link to {link.peer}: a link joins this KME to another KME, once")
             self._out[link.peer], self._in[link.peer] = link.pools(kme_id)
-        capacity = self.limits.max_key_count * self.limits.key_size
+        # Two SAEs of this KME need no QKD link (the KME's own random source serves them, without limit):
+        # as large as a link's pool, so that a client's 4 MiB chunk to the node of its own site fits.
+        capacity = max(self.limits.max_key_count * self.limits.key_size, DEFAULT_CAPACITY_BITS)
         local = LinkPool(seed=local_seed or os.urandom(32), master_kme=kme_id, slave_kme=kme_id,
                          capacity_bits=capacity, initial_bits=capacity)
         self._out[kme_id] = self._in[kme_id] = local

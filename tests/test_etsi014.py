@@ -27,7 +27,7 @@ from qkd_sim.etsi014 import (
     dumps,
     loads,
 )
-from qkd_sim.pool import LinkConfig, PoolEmpty
+from qkd_sim.pool import MAX_KEY_BITS, LinkConfig, PoolEmpty
 from qstore.errors import LocalError, RemoteError
 
 SEED = b"\x07" * 32
@@ -183,6 +183,16 @@ def test_local_pairs_use_the_local_pool(pair):
     a, _ = pair
     sent = a.enc_keys("a1", "a2", KeyRequest(number=2), 0.0)
     assert a.dec_keys("a2", "a1", KeyIDs.of(k.key_ID for k in sent.keys), 0.0) == sent
+
+
+def test_the_local_pool_serves_bulk_keys_without_end(pair):
+    """A client and the node of its own site are SAEs of one KME: a 4 MiB chunk's pad (and many more)
+    comes from the local pool, which is as large as a link's and refills at once."""
+    a, _ = pair
+    for _ in range(3):  # 3 x 8 MiB, well past the 3.2 MB that max_key_count x key_size would allow
+        sent = a.enc_keys("a1", "a2", KeyRequest(number=8, size=MAX_KEY_BITS), 0.0)
+        got = a.dec_keys("a2", "a1", KeyIDs.of(k.key_ID for k in sent.keys), 0.0)
+        assert got == sent and [len(k.key) for k in got.keys] == [MAX_KEY_BITS // 8] * 8
 
 
 def test_exhaustion_is_503_and_all_or_nothing_then_recovers():
