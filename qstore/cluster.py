@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -98,8 +97,9 @@ def check_catalog_url(url: object) -> str:
     ~/.pgpass: cluster files and cluster.json are copied around and must hold no secret)."""
     if not isinstance(url, str) or not _PG_URL.fullmatch(url):
         raise LocalError("catalog must be a postgresql://USER@HOST[:PORT]/DATABASE URL")
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is not None or "password" in urllib.parse.parse_qs(parts.query):
+    rest, _, query = url.split("://", 1)[1].partition("?")
+    userinfo = rest.split("/", 1)[0].rpartition("@")[0]
+    if ":" in userinfo or any(p.split("=", 1)[0].lower() == "password" for p in query.split("&")):
         raise LocalError("catalog URL: no password in it (give the node PGPASSWORD or a ~/.pgpass file)")
     return url
 
