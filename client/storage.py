@@ -50,7 +50,7 @@ import aiohttp
 import numpy as np
 
 from qkd_sim import observability, pki
-from qkd_sim.envelope_keys import envelope_keys, opening_keys
+from qkd_sim.envelope_keys import AheadKeys, envelope_keys, opening_keys
 from qkd_sim.sae import SAEClient, SAEConfig
 from qstore import otp
 from qstore.cluster import CLIENT_SAE, ClusterState, NodeInfo
@@ -162,6 +162,8 @@ class ObjectInfo:
     committed_at: float
     holders: tuple[str, ...]  # sites holding this version
     user_meta: Mapping[str, str] = field(default_factory=dict)
+    # what head learnt from the nodes, so that a get of this version right after asks them no more
+    found: Any = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {"bucket": self.bucket, "key": self.key, "size": self.size, "version": self.version,
@@ -233,11 +235,15 @@ class QStore:
     carry the data). ``verify``: read one share more than needed, when a node
     has it, to detect a wrong share. ``hedge_s``: a node that has not sent a
     share within this many seconds is raced by the next one.
+    ``key_ahead``: fetch key for small objects' shares ahead, per node, so
+    that a small put needs no KME round trip of its own (for long-lived
+    processes such as the S3 gateway: a short one would leave keys unused).
     """
 
     def __init__(self, state: ClusterState, *, sae_id: str = CLIENT_SAE, chunk_size: int = DEFAULT_CHUNK,
                  write_quorum: int | None = None, link_cipher: str = "otp", verify: bool = True,
-                 key_wait_s: float = 30.0, node_timeout_s: float = 30.0, hedge_s: float = 2.0):
+                 key_wait_s: float = 30.0, node_timeout_s: float = 30.0, hedge_s: float = 2.0,
+                 key_ahead: bool = False):
         if not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK:
             raise LocalError(f"chunk size must be 1 byte to {MAX_CHUNK >> 20} MiB")
         if link_cipher not in otp.CIPHERS:
@@ -262,6 +268,8 @@ class QStore:
                                      wait_s=key_wait_s)
         self._session: aiohttp.ClientSession | None = None
         self._sae: SAEClient | None = None
+        self._key_ahead = key_ahead
+        self._ahead: AheadKeys | None = None
         self._nodes: list[_Node] = []
         self._latency: dict[str, float] = {}
 
@@ -280,6 +288,9 @@ class QStore:
                                               timeout=timeout,
                                               trace_configs=[observability.propagate_request_ids()])
         self._sae = await SAEClient(self._sae_config, session=self._session).__aenter__()
+        if self._key_ahead:
+            # a share of up to 16 KiB in whole 1 KiB keys; larger ones fetch key cut to size
+            self._ahead = AheadKeys(self._sae, unit=1024, depth=64, most=16)
         self._nodes = [_Node(info, self._session) for info in sorted(self.state.nodes, key=lambda i: i.x)]
         return self
 
@@ -288,6 +299,9 @@ class QStore:
         await self.close()
 
     async def close(self) -> None:
+        if self._ahead is not None:
+            await self._ahead.close()
+            self._ahead = None
         if self._sae is not None:
             await self._sae.close()
             self._sae = None
@@ -478,13 +492,16 @@ class QStore:
             cost = otp.key_cost(self.link_cipher, HEADER_SIZE + len(chunk))
 
             async def seal_for(nd: _Node) -> None:
-                stream = await envelope_keys(self.sae, nd.info.id, cost)
+                if self._ahead is not None:
+                    stream, spent = await self._ahead.envelope(nd.info.id, cost)
+                else:
+                    stream, spent = await envelope_keys(self.sae, nd.info.id, cost), cost
                 try:
                     envelopes[nd.site] = otp.seal_with(self.link_cipher, [headers[nd.site], bodies[nd.site]],
                                                        stream)
                 finally:
                     stream.wipe()
-                report.link(nd.site).key_bytes += cost
+                report.link(nd.site).key_bytes += spent
 
             await asyncio.gather(*(seal_for(nd) for nd in self._nodes))
 
@@ -642,27 +659,33 @@ class QStore:
     # -- get ----------------------------------------------------------------------------
 
     async def get(self, bucket: str, key: str, sink: Any, *, progress: Progress | None = None,
-                  start: int = 0, end: int | None = None, version: tuple[int, str] | None = None) -> Report:
+                  start: int = 0, end: int | None = None, version: tuple[int, str] | None = None,
+                  info: ObjectInfo | None = None) -> Report:
         """Write the newest version of ``bucket/key`` (bytes ``[start, end)`` of it) to ``sink``.
 
         ``sink.write`` may be a coroutine (an aiohttp response). ``version``
         (number, object ID), e.g. from :meth:`head`, reads exactly that
-        version. The report names bad and slow nodes. The whole object's
+        version; ``info`` (from :meth:`head`) reads that version without
+        asking the nodes for it again. The report names bad and slow nodes. The whole object's
         SHA-256 is checked when the whole object is read; a range is checked
         share by share (digests, and the extra share).
         """
         started = time.perf_counter()
         report = Report("get", bucket, key)
-        cands = await self._candidates(bucket, key, report)
-        if version is not None:
-            cands = [c for c in cands if (c.version, c.object_id) == tuple(version)]
-        if not cands:
-            raise NoSuchKey(bucket, key)
-        cand = cands[0]
-        first = next(iter(cand.holders.values()))
-        if first["deleted"]:
-            raise NoSuchKey(bucket, key)
-        secret = self._open_secret(cand)
+        if info is not None and info.found is not None and (info.bucket, info.key) == (bucket, key):
+            cand, secret = info.found
+            first = next(iter(cand.holders.values()))
+        else:
+            cands = await self._candidates(bucket, key, report)
+            if version is not None:
+                cands = [c for c in cands if (c.version, c.object_id) == tuple(version)]
+            if not cands:
+                raise NoSuchKey(bucket, key)
+            cand = cands[0]
+            first = next(iter(cand.holders.values()))
+            if first["deleted"]:
+                raise NoSuchKey(bucket, key)
+            secret = self._open_secret(cand)
         meta = first["meta"]
         report.version, report.object_id = cand.version, cand.object_id
         report.link_cipher = meta.get("link_cipher", "otp")
@@ -1029,7 +1052,7 @@ def _info(bucket: str, key: str, cand: _Candidate, secret: Mapping[str, Any] | N
                       object_id=cand.object_id, chunks=int(meta.get("chunks", 0)),
                       chunk_size=int(meta.get("chunk_size", 0)), link_cipher=meta.get("link_cipher", "otp"),
                       committed_at=float(v["committed_at"]), holders=tuple(sorted(cand.holders)),
-                      user_meta=dict((secret or {}).get("meta", {})))
+                      user_meta=dict((secret or {}).get("meta", {})), found=(cand, secret))
 
 
 def _known_size(source: Any, size: int | None) -> int | None:

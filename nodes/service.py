@@ -55,11 +55,11 @@ from aiohttp import web
 from nodes import mpc as runtime
 from nodes.blobs import open_blobs
 from nodes.catalog import catalog_schema_for
-from nodes.mpc import KeyPool, Mailbox, QueryFailed
+from nodes.mpc import Mailbox, QueryFailed
 from nodes.store import Store, Upload, Version
 from nodes.tables import TableInfo, TableStore, TableUpload, check_sae, check_table_name
 from qkd_sim import observability, pki
-from qkd_sim.envelope_keys import envelope_keys, opening_keys
+from qkd_sim.envelope_keys import AheadKeys, envelope_keys, opening_keys
 from qkd_sim.kme import caller_of
 from qkd_sim.sae import KMEError, SAEClient, SAEConfig
 from qstore import otp, telemetry
@@ -173,7 +173,8 @@ SAE = web.AppKey("sae", SAEClient)
 STATS = web.AppKey("stats", dict)
 TABLES = web.AppKey("tables", TableStore)
 MAILBOX = web.AppKey("mailbox", Mailbox)
-KEY_POOLS = web.AppKey("key_pools", dict)
+PEER_KEYS = web.AppKey("peer_keys", AheadKeys)  # MPC round messages to peer nodes
+CLIENT_KEYS = web.AppKey("client_keys", AheadKeys)  # small shares served to clients
 PEER_SESSION = web.AppKey("peer_session", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", telemetry.NodeMetrics)
 
@@ -325,11 +326,15 @@ async def _oneshot(request: web.Request) -> web.Response:
         frame = split_frame(await _open(request, caller, envelope))
     elif envelope:
         raise RemoteError("no chunk announced, but a body was sent")
-    await asyncio.to_thread(store.begin, upload)
-    if frame is not None:
-        await asyncio.to_thread(store.write_chunk, upload.upload_id, *frame)
-    await asyncio.to_thread(store.prepare, upload.upload_id, chunks=chunks)
+    await asyncio.to_thread(_stage_whole, store, upload, frame, chunks)  # one thread hop, not three
     return _json({"prepared": True})
+
+
+def _stage_whole(store: Store, upload: Upload, frame: tuple[Any, ...] | None, chunks: int) -> None:
+    store.begin(upload)
+    if frame is not None:
+        store.write_chunk(upload.upload_id, *frame)
+    store.prepare(upload.upload_id, chunks=chunks)
 
 
 def _upload_of(doc: dict[str, Any], c: NodeConfig) -> Upload:
@@ -449,7 +454,7 @@ async def _get_chunk(request: web.Request) -> web.Response:
     header, body = await asyncio.to_thread(store.read_chunk, v, index)
     frame = [header.to_bytes(), body]
     need = otp.key_cost(cipher, HEADER_SIZE + len(body))
-    stream = await envelope_keys(request.app[SAE], caller, need)
+    stream, need = await request.app[CLIENT_KEYS].envelope(caller, need)
     try:
         envelope = otp.seal_with(cipher, frame, stream)
     finally:
@@ -613,14 +618,8 @@ async def _send_to_peer(app: web.Application, peer: Peer, query_id: str, round_:
 async def _send_part(app: web.Application, peer: Peer, query_id: str, round_: int, i: int, parts: int,
                      piece: bytes) -> int:
     """Seal one part with fresh key for ``peer`` and post it; the key bytes spent."""
-    need = otp.key_cost("otp", len(piece))
-    pool = app[KEY_POOLS].get(peer.sae_id)
-    if pool is None:
-        pool = app[KEY_POOLS][peer.sae_id] = KeyPool(_pool_fetch(app, peer.sae_id))
-    ahead = pool.take(need)  # small messages: keys fetched before the round, off its critical path
-    if ahead is not None:
-        need = len(ahead) * pool.unit  # whole keys are spent: the rest of the last one is wiped unused
-    stream = otp.KeyStream(ahead) if ahead is not None else await envelope_keys(app[SAE], peer.sae_id, need)
+    # small messages: keys fetched before the round, off its critical path
+    stream, need = await app[PEER_KEYS].envelope(peer.sae_id, otp.key_cost("otp", len(piece)))
     try:
         envelope = otp.seal_parts(piece, stream)
     finally:
@@ -641,15 +640,6 @@ async def _send_part(app: web.Application, peer: Peer, query_id: str, round_: in
     _count_app(app, peer.sae_id, "key_out", need)
     _count_app(app, peer.sae_id, "bytes_out", len(envelope))
     return need
-
-
-def _pool_fetch(app: web.Application, peer: str) -> Callable[[int, int], Awaitable[list[Any]]]:
-    async def fetch(number: int, size_bits: int) -> list[Any]:
-        sae = app[SAE]
-        limit = (await sae.limits(peer)).max_key_per_request
-        return await sae.get_enc_keys(peer, min(number, limit), size_bits)
-
-    return fetch
 
 
 def _count_app(app: web.Application, peer: str, what: str, nbytes: int) -> None:
@@ -800,7 +790,6 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[TABLES] = await asyncio.to_thread(TableStore, c.data_dir, clock=c.clock, fsync=c.fsync)
     await asyncio.to_thread(_warm_up)
     app[MAILBOX] = Mailbox()
-    app[KEY_POOLS] = {}
     peer_timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=c.mpc_round_timeout_s)
     app[PEER_SESSION] = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(ssl=pki.client_ssl_context(c.cert, c.key, c.ca), limit=0),
@@ -808,6 +797,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     sae = SAEClient(SAEConfig(sae_id=c.sae_id, kme_url=c.kme_url, cert=c.cert, key=c.key, ca=c.ca,
                               key_size=8 * 2**20, batch=8, wait_s=c.key_wait_s))
     app[SAE] = await sae.__aenter__()
+    app[PEER_KEYS] = AheadKeys(app[SAE])
+    # a small object's share (up to 16 KiB) in whole 1 KiB keys; larger ones fetch key cut to size
+    app[CLIENT_KEYS] = AheadKeys(app[SAE], unit=1024, depth=64, most=16)
     tasks = [asyncio.create_task(_every(c.gc_interval_s, lambda: app[STORE].gc(
                  staging_ttl_s=c.staging_ttl_s, superseded_ttl_s=c.superseded_ttl_s), "gc")),
              asyncio.create_task(_every(c.scrub_interval_s,
@@ -820,8 +812,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        for pool in app[KEY_POOLS].values():
-            await pool.close()
+        await app[PEER_KEYS].close()
+        await app[CLIENT_KEYS].close()
         await sae.close()
         await app[PEER_SESSION].close()
         app[STORE].close()

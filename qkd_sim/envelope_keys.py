@@ -14,6 +14,9 @@ wasted and no key outlives its envelope.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from qkd_sim.sae import SAEClient
 from qstore.errors import LocalError
@@ -59,3 +62,100 @@ async def opening_keys(sae: SAEClient, master: str, refs: list[KeyRef]) -> KeySt
     batches = await asyncio.gather(*(sae.get_dec_keys(master, ids[i : i + per])
                                      for i in range(0, len(ids), per)))
     return KeyStream(key for batch in batches for key in batch)
+
+
+class KeyPool:
+    """Keys fetched ahead for small envelopes to one peer (MPC round messages, small objects' shares).
+
+    Most rounds of a query carry a few hundred bytes, and a small object's
+    share a few KiB; fetching their key with ``enc_keys`` when the envelope is
+    ready puts a KME round trip on the critical path of each. The pool holds whole keys of
+    :attr:`unit` bytes fetched in the background; a message that fits in
+    the pool takes whole keys (never a key another message uses: the
+    per-envelope rule of :mod:`qkd_sim.envelope_keys` holds, and the unused
+    rest of its last key is wiped with it). Larger messages fetch their own.
+    Refills run as tasks the pool owns; :meth:`close` cancels them.
+    """
+
+    def __init__(self, fetch: Callable[[int, int], Awaitable[list[Any]]], *, unit: int = 512,
+                 depth: int = 16, most: int = 4):
+        self._fetch = fetch  # (number, size_bits) -> keys
+        self.unit = unit
+        self.depth = depth
+        self.most = most  # keys per message at most: larger messages fetch their own, cut to size
+        self._keys: list[Any] = []
+        self._refill: asyncio.Task[None] | None = None
+        self._failed = False
+
+    def _start_refill(self) -> None:
+        if self._refill is None or self._refill.done():
+            self._refill = asyncio.get_running_loop().create_task(self._fill())
+
+    async def _fill(self) -> None:
+        want = self.depth - len(self._keys)
+        if want <= 0:
+            return
+        try:
+            self._keys.extend(await self._fetch(want, 8 * self.unit))
+            self._failed = False
+        except Exception:  # the next message fetches its own key and reports the error
+            self._failed = True
+
+    def take(self, nbytes: int) -> list[Any] | None:
+        """Whole keys covering ``nbytes`` if the pool has them now (then refills), else None."""
+        count = -(-nbytes // self.unit)
+        if count > self.most:
+            return None
+        if len(self._keys) < count:
+            if not self._failed:
+                self._start_refill()
+            return None
+        taken, self._keys = self._keys[:count], self._keys[count:]
+        if len(self._keys) < self.depth // 2:
+            self._start_refill()
+        return taken
+
+    async def close(self) -> None:
+        if self._refill is not None:
+            self._refill.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._refill
+        self._keys = []  # QKDKey bytes are immutable: dropped, as envelope_keys drops its own
+
+
+class AheadKeys:
+    """One :class:`KeyPool` per peer of an SAE: key for an envelope, from the pool when it is small.
+
+    For long-lived processes (nodes, the S3 gateway): keys fetched ahead wait
+    at the KME until the peer asks for them, so a short-lived one (a CLI
+    command) would leave its pool's keys unused.
+    """
+
+    def __init__(self, sae: SAEClient, *, unit: int = 512, depth: int = 16, most: int = 4):
+        self.sae = sae
+        self.unit, self.depth, self.most = unit, depth, most
+        self._pools: dict[str, KeyPool] = {}
+
+    def _fetch(self, peer: str) -> Callable[[int, int], Awaitable[list[Any]]]:
+        async def fetch(number: int, size_bits: int) -> list[Any]:
+            limit = (await self.sae.limits(peer)).max_key_per_request
+            return await self.sae.get_enc_keys(peer, min(number, limit), size_bits)
+
+        return fetch
+
+    async def envelope(self, peer: str, nbytes: int) -> tuple[KeyStream, int]:
+        """Key for one envelope of ``nbytes`` to ``peer``, and the key bytes it spends (whole keys when
+        they come from the pool: the rest of the last one is wiped unused)."""
+        pool = self._pools.get(peer)
+        if pool is None:
+            pool = self._pools[peer] = KeyPool(self._fetch(peer), unit=self.unit, depth=self.depth,
+                                               most=self.most)
+        ahead = pool.take(nbytes)
+        if ahead is not None:
+            return KeyStream(ahead), len(ahead) * pool.unit
+        return await envelope_keys(self.sae, peer, nbytes), nbytes
+
+    async def close(self) -> None:
+        for pool in self._pools.values():
+            await pool.close()
+        self._pools.clear()

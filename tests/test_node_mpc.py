@@ -8,7 +8,8 @@ import uuid
 
 import pytest
 
-from nodes.mpc import KeyPool, Mailbox, QueryFailed
+from nodes.mpc import Mailbox, QueryFailed
+from qkd_sim.envelope_keys import KeyPool
 from qstore.errors import Conflict, RemoteError
 from qstore.otp import QKDKey
 

@@ -694,7 +694,7 @@ class Gateway:
     async def _stream(self, bucket: str, key: str, info: ObjectInfo, sink: Any, start: int, end: int) -> None:
         version = (info.version, info.object_id)
         if "s3-manifest" not in info.user_meta:
-            await self.store.get(bucket, key, sink, start=start, end=end, version=version)
+            await self.store.get(bucket, key, sink, start=start, end=end, version=version, info=info)
             return
         offset = 0
         for part in await self._manifest(bucket, key, version):
@@ -1075,7 +1075,7 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None:
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     state = ClusterState.load(config.state_dir)
-    kw: dict[str, Any] = {"sae_id": config.sae_id}
+    kw: dict[str, Any] = {"sae_id": config.sae_id, "key_ahead": True}  # long-lived: small puts' key ahead
     if config.chunk_size:
         kw["chunk_size"] = config.chunk_size
     async with QStore(state, **kw) as store:
