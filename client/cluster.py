@@ -949,7 +949,7 @@ def up(config: Path | None, root: Path, *, nodes: bool | None = None, gateway: b
     """
     if only is not None:
         return up_site(config, root, only, nodes=nodes, gateway=gateway, timeout_s=timeout_s,
-                       gateway_port=DEFAULT_GATEWAY_PORT if gateway_port is None else gateway_port)
+                       gateway_port=gateway_port)
     config = (config or DEFAULT_CONFIG).absolute()
     net = Network.from_toml(config)
     layout = Layout(root)
@@ -976,7 +976,7 @@ def up(config: Path | None, root: Path, *, nodes: bool | None = None, gateway: b
                 procs[m.id] = _spawn(cmd, layout.log(m.id), root)
             state = replace(state, **{phase: tuple(replace(m, pid=procs[m.id].pid) for m in members)})
             if phase == "nodes" and nodes and gateway:  # beside the nodes: it needs them only per request
-                gw = plan_gateway(layout, port=gateway_port or 0)
+                gw = plan_gateway(layout, port=gateway_port or net.gateway_port or 0)
                 cmd = gateway_command(root, _port_of(gw["url"]), Path(gw["credentials"]))
                 procs[GATEWAY_ID] = _spawn(cmd, layout.log(GATEWAY_ID), root)
                 gw["pid"] = procs[GATEWAY_ID].pid
@@ -1009,10 +1009,21 @@ def _check_listenable(site: Site) -> None:
             raise
 
 
+def _gateway_port(net: Network, config: Path, asked: int | None) -> int:
+    """Where the S3 gateway of a cluster across hosts listens: the same answer on every host."""
+    if asked is not None and not 0 < asked <= 65535:
+        raise LocalError("the gateway port must be 1 to 65535")
+    if asked is not None and net.gateway_port is not None and asked != net.gateway_port:
+        raise LocalError(f"--gateway-port {asked} disagrees with gateway_port = {net.gateway_port} of "
+                         f"{config}: every host must agree where the gateway listens")
+    return asked or net.gateway_port or DEFAULT_GATEWAY_PORT
+
+
 def up_site(config: Path | None, root: Path, site: str, *, nodes: bool | None = None, gateway: bool = True,
-            gateway_port: int = DEFAULT_GATEWAY_PORT, timeout_s: float = START_TIMEOUT_S) -> ClusterState:
+            gateway_port: int | None = None, timeout_s: float = START_TIMEOUT_S) -> ClusterState:
     """Start one site's processes of a cluster across hosts: its KME, its node, and the S3 gateway when it
-    is the gateway's site (listening on the site's host at ``gateway_port``).
+    is the gateway's site (listening on the site's host at ``gateway_port``: the cluster file's
+    ``[cluster] gateway_port``, else 9000; an explicit one must agree with the file's).
 
     Needs fixed ports in the cluster file, the CA's certificate in ``root/ca``,
     the site's certificates (issued here when the CA's key is here) and the
@@ -1025,8 +1036,7 @@ def up_site(config: Path | None, root: Path, site: str, *, nodes: bool | None = 
     me = net.site(site)
     nodes = _nodes_wanted(nodes)
     check_fixed_ports(net, config, nodes=nodes)
-    if not 0 < gateway_port <= 65535:
-        raise LocalError("the gateway port must be 1 to 65535")
+    gateway_port = _gateway_port(net, config, gateway_port)
     _check_listenable(me)
     layout = Layout(root)
     secrets = read_shared_secrets(layout.secrets, net)

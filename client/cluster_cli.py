@@ -33,7 +33,8 @@ def add_parsers(sub: Any) -> None:
     u.add_argument("--no-nodes", action="store_true", help="start the KMEs only")
     u.add_argument("--no-gateway", action="store_true", help="do not start the S3 gateway")
     u.add_argument("--gateway-port", type=int, metavar="PORT",
-                   help="S3 gateway port (default: a free one; with --only 9000, the same on every host)")
+                   help="S3 gateway port (default: the cluster file's [cluster] gateway_port, else a free "
+                        "one; with --only 9000: the same on every host)")
     u.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for health (default 30)")
     u.add_argument("--json", action="store_true", help="print cluster.json instead of a table")
     u.set_defaults(handler=run_up)

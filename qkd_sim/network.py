@@ -206,6 +206,7 @@ class Network:
     sites: tuple[Site, ...]
     links: tuple[Link, ...]
     rates: dict[str, float] = field(repr=False)
+    gateway_port: int | None = None  # [cluster] gateway_port: where the S3 gateway listens, for every host
 
     @classmethod
     def build(
@@ -262,7 +263,7 @@ class Network:
         cluster = doc.get("cluster", {})
         if not isinstance(cluster, dict):
             raise ConfigError(f"{source}: [cluster] must be a table")
-        _known(cluster, {"name", "k"}, f"{source}: [cluster]")
+        _known(cluster, {"name", "k", "gateway_port"}, f"{source}: [cluster]")
         try:
             sites = [_site(entry, _where(source, "sites", i, entry))
                      for i, entry in enumerate(_entries(doc, "sites", source))]
@@ -284,6 +285,14 @@ class Network:
                     other = taken.setdefault((site.host, port), f"{site.name}.{what}")
                     if other != f"{site.name}.{what}":
                         raise ConfigError(f"{source}: site {site.name}: {what} {port} is already {other}")
+        gateway_port = cluster.get("gateway_port")
+        if gateway_port is not None:
+            if type(gateway_port) is not int or not 0 < gateway_port < 65536:
+                raise ConfigError(f"{source}: [cluster] gateway_port must be an integer from 1 to 65535")
+            other = taken.get((net.client_site.host, gateway_port))
+            if other is not None:
+                raise ConfigError(f"{source}: [cluster] gateway_port {gateway_port} is already {other}")
+            net = replace(net, gateway_port=gateway_port)
         if net.n < k:
             raise ConfigError(f"{source}: [cluster] k = {k} needs at least {k} sites with a node "
                               f"(node = true), there are {net.n}")

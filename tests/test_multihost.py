@@ -251,8 +251,8 @@ def _is_up(root: Path, pid: int | None) -> bool:
 def test_three_sites_on_two_hosts_put_get_and_down_on_one_host(tmp_path, capsys):
     free = cluster._free_ports(["127.0.0.1"] * 7)
     conf = tmp_path / "metro.toml"
-    conf.write_text(CONFIG.format(*free[:6]))
-    gw_port = free[6]
+    gw_port = free[6]  # in the cluster file, so that every host agrees where the gateway listens
+    conf.write_text(CONFIG.format(*free[:6]).replace("k = 2\n", f"k = 2\ngateway_port = {gw_port}\n"))
     admin, hac, hb = tmp_path / "admin", tmp_path / "host-ac", tmp_path / "host-b"
 
     # on the admin's machine: the CA, the secrets, every site's certificates (the CA key stays here)
@@ -270,8 +270,11 @@ def test_three_sites_on_two_hosts_put_get_and_down_on_one_host(tmp_path, capsys)
         assert not (host / "ca" / "ca.key").exists()
 
     # each site by its own `up --only`, all at once; a and c into one state directory
-    ups = {site: cli("cluster", "up", conf, "--only", site, "--state", host, "--gateway-port", gw_port)
-           for site, host in (("a", hac), ("b", hb), ("c", hac))}
+    # b's host names no port: the file's; one that disagrees with the file is refused
+    wrong = run(capsys, "cluster", "up", conf, "--only", "a", "--state", hac, "--gateway-port", gw_port + 1)
+    one_line_error(*wrong[::2], f"--gateway-port {gw_port + 1} disagrees with gateway_port = {gw_port}")
+    ups = {site: cli("cluster", "up", conf, "--only", site, "--state", host, *extra)
+           for site, host, extra in (("a", hac, ("--gateway-port", gw_port)), ("b", hb, ()), ("c", hac, ()))}
     done = {site: finish(p) for site, p in ups.items()}
     try:
         for site, res in done.items():

@@ -102,3 +102,26 @@ def test_a_mesh_cluster_file_joins_every_pair_of_sites():
     assert net.n == 3 and net.k == 2 and net.client_site.name == "client"
     assert net.client_site.saes == ("h1", "an") and len(net.links) == 6
     assert all(link.rate_bps == float("inf") for link in net.links)
+
+
+def _with_gateway_port(port: object, host_b: str = "10.0.0.2") -> dict:
+    return {"cluster": {"k": 2, "gateway_port": port},
+            "sites": [{"name": "desk", "node": False, "host": "10.0.0.1", "kme_port": 7000},
+                      {"name": "a", "host": "10.0.0.1", "kme_port": 7001, "node_port": 9000},
+                      {"name": "b", "host": host_b, "kme_port": 7002, "node_port": 7003}],
+            "links": [{"a": "desk", "b": "a", "rate": "unlimited"},
+                      {"a": "a", "b": "b", "rate": "unlimited"}]}
+
+
+def test_the_gateway_port_in_the_cluster_file():
+    assert Network.from_dict(_with_gateway_port(9100)).gateway_port == 9100
+    assert Network.from_dict({**_with_gateway_port(1), "cluster": {"k": 2}}).gateway_port is None
+    # the gateway listens on the client site's host: another process there may not have that port
+    with pytest.raises(ConfigError, match=r"gateway_port 9000 is already a.node_port"):
+        Network.from_dict(_with_gateway_port(9000))
+    with pytest.raises(ConfigError, match=r"gateway_port 7001 is already a.kme_port"):
+        Network.from_dict(_with_gateway_port(7001))
+    assert Network.from_dict(_with_gateway_port(9100, host_b="10.0.0.1")).gateway_port == 9100
+    for bad in (0, 65536, "9000", True, 90.0):
+        with pytest.raises(ConfigError, match="gateway_port must be an integer from 1 to 65535"):
+            Network.from_dict(_with_gateway_port(bad))
