@@ -74,6 +74,9 @@ DEFAULT_CHUNK = 4 << 20
 MAX_CHUNK = 32 << 20
 QUEUE_DEPTH = 2
 READ_WINDOW = 3
+# Chunks being fetched at once over all gets of one QStore: a gateway serving many ranged GETs keeps
+# the nodes' and its own memory (and page faults) to a few chunks, as one get would.
+FETCH_SLOTS = 2 * READ_WINDOW
 KEY_SIZE_BITS = 8 * 2**20  # 1 MiB keys: few key_IDs per frame, few KME round trips
 MAX_META_BYTES = 16 << 10
 
@@ -270,6 +273,7 @@ class QStore:
         self._sae: SAEClient | None = None
         self._key_ahead = key_ahead
         self._ahead: AheadKeys | None = None
+        self._fetch_slots: asyncio.Semaphore | None = None
         self._nodes: list[_Node] = []
         self._latency: dict[str, float] = {}
 
@@ -765,6 +769,13 @@ class QStore:
 
     async def _fetch_chunk(self, bucket: str, key: str, cand: _Candidate, index: int, holders: list[_Node],
                            report: Report, served: set[str]) -> bytes:
+        if self._fetch_slots is None:
+            self._fetch_slots = asyncio.Semaphore(FETCH_SLOTS)
+        async with self._fetch_slots:
+            return await self._fetch_chunk_now(bucket, key, cand, index, holders, report, served)
+
+    async def _fetch_chunk_now(self, bucket: str, key: str, cand: _Candidate, index: int,
+                               holders: list[_Node], report: Report, served: set[str]) -> bytes:
         cipher = next(iter(cand.holders.values()))["meta"].get("link_cipher", "otp")
         usable = [nd for nd in holders if nd.site not in report.bad and nd.site not in report.failed]
         want = self.k + 1 if self.verify and len(usable) > self.k else self.k
