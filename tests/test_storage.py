@@ -413,3 +413,33 @@ async def test_small_objects_take_one_request_per_node_before_commit(cluster):
         for headers in ({}, {"X-QStore-Upload": "not json"}, {"X-QStore-Upload": '{"upload_id": "other"}'}):
             async with s.put(url, params={"chunks": "0"}, headers=headers) as r:
                 assert r.status == 400, headers
+
+
+async def test_concurrent_gets_share_a_bounded_number_of_chunk_fetches(cluster, monkeypatch):
+    """Many gets through one QStore (a gateway serving ranged GETs) fetch at most FETCH_SLOTS chunks at
+    once between them, and every one still reads its bytes."""
+    from client import storage
+
+    busy = peak = 0
+    real = QStore._fetch_chunk_now
+
+    async def counted(self, *args):
+        nonlocal busy, peak
+        busy += 1
+        peak = max(peak, busy)
+        try:
+            return await real(self, *args)
+        finally:
+            busy -= 1
+
+    monkeypatch.setattr(QStore, "_fetch_chunk_now", counted)
+    bodies = {f"o{i}": os.urandom(9 * 1024 + i) for i in range(6)}
+    async with QStore(cluster.state, chunk_size=1024) as qs:
+        await qs.create_bucket("slots")
+        for name, body in bodies.items():
+            await qs.put("slots", name, body)
+        got = await asyncio.gather(*(qs.get_bytes("slots", name) for name in bodies))
+    assert got == list(bodies.values())
+    # six gets of ten chunks, each keeping READ_WINDOW in flight: overlapping, and without the bound
+    # up to 18 at once
+    assert storage.READ_WINDOW < peak <= storage.FETCH_SLOTS < len(bodies) * storage.READ_WINDOW
