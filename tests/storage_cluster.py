@@ -95,3 +95,31 @@ async def start_cluster(root: Path, *, n: int = 5, k: int = 3, link_rate: float 
         await cluster.close()
         raise
     return cluster
+
+
+def three_sites_toml(name: str, storage: dict[str, dict[str, str]]) -> str:
+    """A cluster file of storage sites north, south and east (k = 2) and a client site desk, joined by
+    unlimited links; ``storage`` gives some sites a ``[sites.storage]`` table."""
+    text = f'[cluster]\nname = "{name}"\nk = 2\n'
+    for site in ("north", "south", "east"):
+        text += f'[[sites]]\nname = "{site}"\n'
+        if site in storage:
+            text += "[sites.storage]\n" + "".join(f'{k} = "{v}"\n' for k, v in storage[site].items())
+    text += '[[sites]]\nname = "desk"\nnode = false\n'
+    pairs = [("desk", "north"), ("desk", "south"), ("desk", "east"), ("north", "south"), ("south", "east")]
+    return text + "".join(f'[[links]]\na = "{a}"\nb = "{b}"\nrate = "unlimited"\n' for a, b in pairs)
+
+
+def put_get(state: ClusterState, data: bytes) -> bytes:
+    """Store ``data`` as study/obj through a cluster's processes and read it back (64 KiB chunks)."""
+    import asyncio
+
+    from client.storage import QStore
+
+    async def round_trip() -> bytes:
+        async with QStore(state, chunk_size=64 << 10) as qs:
+            await qs.create_bucket("study")
+            await qs.put("study", "obj", data)
+            return await qs.get_bytes("study", "obj")
+
+    return asyncio.run(round_trip())

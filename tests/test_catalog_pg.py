@@ -6,7 +6,6 @@ node held by a lock, URLs without secrets, an unreachable server) and a cluster 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import tomllib
@@ -20,6 +19,7 @@ from nodes.store import Store
 from qkd_sim.network import ConfigError, Network
 from qstore.cluster import check_catalog_url
 from qstore.errors import LocalError
+from tests.storage_cluster import put_get, three_sites_toml
 
 
 def schema() -> str:
@@ -86,67 +86,22 @@ def test_bad_schema_names(tmp_path, postgres_url, schema_name):
         Store(tmp_path / "n", fsync=False, catalog_url=postgres_url, catalog_schema=schema_name)
 
 
-PG_CLUSTER = """
-[cluster]
-name = "pgsites"
-k = 2
-[[sites]]
-name = "north"
-[sites.storage]
-catalog = "{url}"
-[[sites]]
-name = "south"
-[sites.storage]
-catalog = "{url}"
-catalog_schema = "{schema}"
-[[sites]]
-name = "east"
-[[sites]]
-name = "desk"
-node = false
-[[links]]
-a = "desk"
-b = "north"
-rate = "unlimited"
-[[links]]
-a = "desk"
-b = "south"
-rate = "unlimited"
-[[links]]
-a = "desk"
-b = "east"
-rate = "unlimited"
-[[links]]
-a = "north"
-b = "south"
-rate = "unlimited"
-[[links]]
-a = "south"
-b = "east"
-rate = "unlimited"
-"""
 
 
 def test_a_cluster_file_puts_nodes_catalogs_in_postgresql(tmp_path, postgres_url):
     from client import cluster
-    from client.storage import QStore
 
     south = schema()
     conf = tmp_path / "sites.toml"
-    conf.write_text(PG_CLUSTER.format(url=postgres_url, schema=south))
+    storage = {"north": {"catalog": postgres_url},
+               "south": {"catalog": postgres_url, "catalog_schema": south}}
+    conf.write_text(three_sites_toml("pgsites", storage))
     root = tmp_path / "state"
     state = cluster.up(conf, root, gateway=False, timeout_s=60)
     try:
         assert state.node("north").storage == {"backend": "local", "catalog": postgres_url}
         data = os.urandom(2 * (64 << 10) + 9)
-
-        async def round_trip() -> bytes:
-            async with QStore(state, chunk_size=64 << 10) as qs:
-                await qs.create_bucket("study")
-                await qs.put("study", "obj", data)
-                return await qs.get_bytes("study", "obj")
-
-        assert asyncio.run(round_trip()) == data
+        assert put_get(state, data) == data
     finally:
         cluster.down(root)
     with psycopg.connect(postgres_url) as db:

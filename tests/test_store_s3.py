@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
@@ -16,6 +15,7 @@ from test_store import bodies, frame, put, stage, upload
 from nodes.blobs import BlobStoreUnavailable, S3Blobs
 from nodes.store import Store
 from qstore.errors import NotFound, ShareCorruption
+from tests.storage_cluster import put_get, three_sites_toml
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
@@ -213,61 +213,22 @@ async def test_cluster_round_trip_with_every_node_on_s3(tmp_path, s3_url, s3, bu
         assert not (tmp_path / "nodes" / site / "objects").exists()
 
 
-S3_CLUSTER = """
-[cluster]
-name = "s3sites"
-k = 2
-[[sites]]
-name = "north"
-[sites.storage]
-backend = "s3"
-endpoint = "{url}"
-bucket = "{bucket}"
-[[sites]]
-name = "south"
-[sites.storage]
-backend = "s3"
-endpoint = "{url}"
-bucket = "{bucket}"
-prefix = "south-shares/"
-region = "eu-central-1"
-[[sites]]
-name = "east"          # local disk, the default
-[[sites]]
-name = "desk"
-node = false
-[[links]]
-a = "desk"
-b = "north"
-rate = "unlimited"
-[[links]]
-a = "desk"
-b = "south"
-rate = "unlimited"
-[[links]]
-a = "desk"
-b = "east"
-rate = "unlimited"
-[[links]]
-a = "north"
-b = "south"
-rate = "unlimited"
-[[links]]
-a = "south"
-b = "east"
-rate = "unlimited"
-"""
+def s3_cluster(url: str, bucket: str) -> str:
+    """north and south on the bucket (south with its own prefix and a region), east on its disk."""
+    return three_sites_toml("s3sites", {
+        "north": {"backend": "s3", "endpoint": url, "bucket": bucket},
+        "south": {"backend": "s3", "endpoint": url, "bucket": bucket, "prefix": "south-shares/",
+                  "region": "eu-central-1"}})
 
 
 def test_the_cluster_file_puts_a_sites_shares_in_its_bucket(tmp_path, s3_url, s3, bucket):
     """`[sites.storage]` in the cluster file: `cluster up` starts those nodes on the bucket (credentials from
     the environment), the other node on its disk; cluster.json carries no secret."""
     from client import cluster
-    from client.storage import QStore
     from nodes.service import NodeConfig
 
     conf = tmp_path / "sites.toml"
-    conf.write_text(S3_CLUSTER.format(url=s3_url, bucket=bucket))
+    conf.write_text(s3_cluster(s3_url, bucket))
     root = tmp_path / "state"
     state = cluster.up(conf, root, gateway=False, timeout_s=60)
     try:
@@ -279,14 +240,7 @@ def test_the_cluster_file_puts_a_sites_shares_in_its_bucket(tmp_path, s3_url, s3
         assert NodeConfig.from_state(state, "east").blob_store == "local"
         assert "testing" not in (root / "cluster.json").read_text()
         data = os.urandom(3 * (64 << 10) + 5)
-
-        async def round_trip() -> bytes:
-            async with QStore(state, chunk_size=64 << 10) as qs:
-                await qs.create_bucket("study")
-                await qs.put("study", "obj", data)
-                return await qs.get_bytes("study", "obj")
-
-        assert asyncio.run(round_trip()) == data
+        assert put_get(state, data) == data
     finally:
         cluster.down(root)
     prefixes = {k.split("/", 1)[0] for k in keys(s3, bucket)}
@@ -334,7 +288,7 @@ def test_up_fails_clearly_when_a_sites_bucket_is_missing(tmp_path, s3_url):
     from client import cluster
 
     conf = tmp_path / "sites.toml"
-    conf.write_text(S3_CLUSTER.format(url=s3_url, bucket="no-such-bucket-here"))
+    conf.write_text(s3_cluster(s3_url, "no-such-bucket-here"))
     root = tmp_path / "state"
     with pytest.raises(cluster.ClusterStartError) as err:
         cluster.up(conf, root, gateway=False, timeout_s=60)
