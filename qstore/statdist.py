@@ -41,16 +41,20 @@ def _betacf(a: float, b: float, x: float) -> float:
     return h
 
 
-def betainc(a: float, b: float, x: float) -> float:
-    """The regularized incomplete beta function I_x(a, b), a, b > 0, 0 ≤ x ≤ 1."""
+def betainc(a: float, b: float, x: float, y: float | None = None) -> float:
+    """The regularized incomplete beta function I_x(a, b), a, b > 0, 0 ≤ x ≤ 1.
+
+    ``y``: 1 − x when the caller has it exactly (x near 1 leaves little of it after ``1.0 - x``).
+    """
     if not (a > 0 and b > 0) or not 0.0 <= x <= 1.0:
         raise ValueError("betainc needs a, b > 0 and 0 <= x <= 1")
-    if x in (0.0, 1.0):
-        return x
-    ln_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    y = 1.0 - x if y is None else y
+    if x == 0.0 or y == 0.0:  # x may round to 1.0 while the exact y is not 0
+        return x if y != 0.0 else 1.0
+    ln_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(y)
     if x < (a + 1.0) / (a + b + 2.0):
         return math.exp(ln_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(ln_front) * _betacf(b, a, 1.0 - x) / b
+    return 1.0 - math.exp(ln_front) * _betacf(b, a, y) / b
 
 
 def t_sf(t: float, df: float) -> float:
@@ -59,7 +63,9 @@ def t_sf(t: float, df: float) -> float:
         raise ValueError("degrees of freedom must be positive")
     if math.isinf(t):
         return 0.0 if t > 0 else 1.0
-    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))
+    t2 = t * t
+    # 1 - x exactly: for t near 0, x = df/(df+t²) rounds to almost 1 and 1.0 - x would lose t²
+    tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t2), t2 / (df + t2))
     return tail if t > 0 else 1.0 - tail
 
 

@@ -143,7 +143,9 @@ class Console:
                 from client.storage import QStore
                 from qstore.cluster import ClusterState
 
-                qs = QStore(ClusterState.load(self.config.state), sae_id=self.config.sae, node_timeout_s=120)
+                # long-lived, as the S3 gateway: small uploads take key fetched ahead
+                qs = QStore(ClusterState.load(self.config.state), sae_id=self.config.sae, node_timeout_s=120,
+                            key_ahead=True)
                 await qs.__aenter__()
                 self._qs = qs
             return self._qs
