@@ -74,22 +74,26 @@ class KeyPool:
     the pool takes whole keys (never a key another message uses: the
     per-envelope rule of :mod:`qkd_sim.envelope_keys` holds, and the unused
     rest of its last key is wiped with it). Larger messages fetch their own.
-    Refills run as tasks the pool owns; :meth:`close` cancels them.
+    Refills run as tasks the pool owns; :meth:`close` cancels them. After
+    a failed refill (a KME down, a link dry) the pool tries again only after
+    ``retry_s``, so that a long-lived process does not stay without it.
     """
 
     def __init__(self, fetch: Callable[[int, int], Awaitable[list[Any]]], *, unit: int = 512,
-                 depth: int = 16, most: int = 4):
+                 depth: int = 16, most: int = 4, retry_s: float = 5.0):
         self._fetch = fetch  # (number, size_bits) -> keys
         self.unit = unit
         self.depth = depth
         self.most = most  # keys per message at most: larger messages fetch their own, cut to size
         self._keys: list[Any] = []
         self._refill: asyncio.Task[None] | None = None
-        self._failed = False
+        self.retry_s = retry_s
+        self._retry_at = 0.0  # loop time before which no refill starts (after a failed one)
 
     def _start_refill(self) -> None:
-        if self._refill is None or self._refill.done():
-            self._refill = asyncio.get_running_loop().create_task(self._fill())
+        loop = asyncio.get_running_loop()
+        if (self._refill is None or self._refill.done()) and loop.time() >= self._retry_at:
+            self._refill = loop.create_task(self._fill())
 
     async def _fill(self) -> None:
         want = self.depth - len(self._keys)
@@ -97,9 +101,8 @@ class KeyPool:
             return
         try:
             self._keys.extend(await self._fetch(want, 8 * self.unit))
-            self._failed = False
         except Exception:  # the next message fetches its own key and reports the error
-            self._failed = True
+            self._retry_at = asyncio.get_running_loop().time() + self.retry_s
 
     def take(self, nbytes: int) -> list[Any] | None:
         """Whole keys covering ``nbytes`` if the pool has them now (then refills), else None."""
@@ -107,8 +110,7 @@ class KeyPool:
         if count > self.most:
             return None
         if len(self._keys) < count:
-            if not self._failed:
-                self._start_refill()
+            self._start_refill()
             return None
         taken, self._keys = self._keys[:count], self._keys[count:]
         if len(self._keys) < self.depth // 2:

@@ -76,14 +76,24 @@ async def test_the_key_pool_hands_out_whole_keys_once_and_refills():
     assert pool.take(1) is None
 
 
-async def test_a_failing_fetch_leaves_the_pool_empty_without_raising():
-    async def fetch(number: int, size_bits: int) -> list[QKDKey]:
-        raise RemoteError("KME down")
+async def test_a_failing_fetch_leaves_the_pool_empty_without_raising_and_it_retries_later():
+    calls = []
 
-    pool = KeyPool(fetch, unit=64, depth=4)
+    async def fetch(number: int, size_bits: int) -> list[QKDKey]:
+        calls.append(number)
+        if len(calls) == 1:
+            raise RemoteError("KME down")
+        return [QKDKey(key_id=str(uuid.uuid4()), key=os.urandom(size_bits // 8)) for _ in range(number)]
+
+    pool = KeyPool(fetch, unit=64, depth=4, retry_s=0.05)
     assert pool.take(10) is None
     await asyncio.sleep(0.01)
-    assert pool.take(10) is None
+    assert pool.take(10) is None and calls == [4]  # no new attempt before retry_s
+    await asyncio.sleep(0.06)
+    assert pool.take(10) is None  # starts the retry
+    await asyncio.sleep(0.01)
+    taken = pool.take(10)
+    assert taken is not None and len(taken) == 1 and calls == [4, 4]
     await pool.close()
 
 
