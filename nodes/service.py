@@ -153,17 +153,16 @@ class NodeConfig:
         host, _, port = node.url.removeprefix("https://").rpartition(":")
         peers = tuple(Peer(x=o.x, sae_id=o.id, site=o.site, url=o.url)
                       for o in state.nodes if o.id != node.id)
-        storage = node.storage or {}
-        blobs = {f"s3_{name}": storage[name] for name in ("endpoint", "bucket", "prefix", "region")
-                 if name in storage}
-        blobs |= {f"catalog_{name}": storage[f"catalog{suffix}"] for name, suffix in (("url", ""),
-                  ("schema", "_schema")) if f"catalog{suffix}" in storage}
-        blobs["blob_store"] = storage.get("backend", "local")
+        storage = node.storage or {}  # the cluster file's [sites.storage], under this class's names
+        names = {"endpoint": "s3_endpoint", "bucket": "s3_bucket", "prefix": "s3_prefix",
+                 "region": "s3_region", "catalog": "catalog_url", "catalog_schema": "catalog_schema"}
+        stored = {names[k]: v for k, v in storage.items() if k in names}
+        stored["blob_store"] = storage.get("backend", "local")
         return cls(**{
             "site": node.site, "sae_id": node.id, "x": node.x, "t": max(1, state.k - 1), "peers": peers,
             "data_dir": node.data or state.directory / "nodes" / node.site,
             "cert": sae.cert, "key": sae.key, "ca": state.ca, "kme_url": state.kme_url_of(node.id),
-            "host": host.strip("[]"), "port": int(port), **blobs, **overrides,
+            "host": host.strip("[]"), "port": int(port), **stored, **overrides,
         })
 
 
