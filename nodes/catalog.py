@@ -556,7 +556,7 @@ class _Postgres:
             raise LocalError(f"catalog {self.where}: cannot connect ({_first_line(exc)})") from None
         try:
             # a node holds its schema for as long as it runs: a second node on it would corrupt both
-            (mine,) = self.conn.execute("SELECT pg_try_advisory_lock(?, ?)".replace("?", "%s"),
+            (mine,) = self.conn.execute("SELECT pg_try_advisory_lock(%s, %s)",
                                         (_LOCK_CLASS, zlib.crc32(schema.encode()) - 2**31)).fetchone()
             if not mine:
                 raise LocalError(f"catalog {self.where} schema {schema} is in use by another store")
