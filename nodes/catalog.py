@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qstore.cluster import check_catalog_url
+from qstore.cluster import check_catalog_schema, check_catalog_url
 from qstore.errors import LocalError
 
 MAX_KEY_BYTES = 1024
@@ -519,9 +519,6 @@ def _statements(script: str) -> list[str]:
 
 # -- PostgreSQL ----------------------------------------------------------------------------------
 
-_PG_SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-
-
 def catalog_schema_for(sae_id: str) -> str:
     """The default schema of a node's catalog: ``qstore_`` and its SAE ID in lower case, ``_`` for others."""
     return ("qstore_" + re.sub(r"[^a-z0-9_]", "_", sae_id.lower()))[:63]
@@ -547,8 +544,7 @@ class _Postgres:
         except ImportError:
             raise LocalError("a PostgreSQL catalog needs psycopg (pip install 'psycopg[binary]')") from None
         check_catalog_url(url)
-        if not _PG_SCHEMA.fullmatch(schema):
-            raise LocalError(f"catalog schema {schema!r}: lower-case letters, digits and _ (at most 63)")
+        check_catalog_schema(schema)
         self.where = _redacted(url)
         try:
             self.conn = psycopg.connect(url, autocommit=True, connect_timeout=10)

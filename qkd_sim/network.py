@@ -48,10 +48,10 @@ import math
 import re
 import tomllib
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from qstore.cluster import check_catalog_url
+from qstore.cluster import check_catalog_schema, check_catalog_url
 from qstore.errors import LocalError
 
 DEFAULT_CAPACITY_BITS = float(2**33)
@@ -86,9 +86,12 @@ class NodeStorage:
                 check_catalog_url(self.catalog)
             except LocalError as exc:
                 raise ConfigError(f"storage {exc}") from None
-        if self.catalog_schema is not None and (not isinstance(self.catalog_schema, str) or not re.fullmatch(
-                r"[a-z_][a-z0-9_]{0,62}", self.catalog_schema)):
-            raise ConfigError("storage catalog_schema: lower-case letters, digits and _ (at most 63)")
+        if self.catalog_schema is not None:
+            try:
+                check_catalog_schema(self.catalog_schema)
+            except LocalError:
+                raise ConfigError("storage catalog_schema: lower-case letters, digits and _ "
+                                  "(at most 63)") from None
         if self.backend not in ("local", "s3"):
             raise ConfigError(f"storage backend must be \"local\" or \"s3\", not {self.backend!r}")
         for name in ("endpoint", "bucket", "prefix", "region"):
@@ -106,10 +109,7 @@ class NodeStorage:
         """As ``cluster.json`` gives it to the node; None for the default (local disk, SQLite)."""
         if self == NodeStorage():
             return None
-        pairs = (("backend", self.backend), ("endpoint", self.endpoint), ("bucket", self.bucket),
-                 ("prefix", self.prefix), ("region", self.region), ("catalog", self.catalog),
-                 ("catalog_schema", self.catalog_schema))
-        return {k: v for k, v in pairs if v is not None}
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True, kw_only=True)

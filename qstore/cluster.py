@@ -104,6 +104,16 @@ def check_catalog_url(url: object) -> str:
     return url
 
 
+_PG_SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def check_catalog_schema(schema: object) -> str:
+    """A node catalog's PostgreSQL schema name: safe to quote into SQL, at most PostgreSQL's 63 bytes."""
+    if not isinstance(schema, str) or not _PG_SCHEMA.fullmatch(schema):
+        raise LocalError(f"catalog schema {schema!r}: lower-case letters, digits and _ (at most 63)")
+    return schema
+
+
 def _check_url(url: object, where: str) -> str:
     if not isinstance(url, str) or not url.startswith(("https://", "http://")):
         raise ClusterStateError(f"{where}: url must be an http(s):// URL")
