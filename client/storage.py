@@ -30,6 +30,8 @@ SHA-256, and report which nodes misbehaved.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import collections
 import contextlib
 import hashlib
@@ -52,7 +54,7 @@ import numpy as np
 from qkd_sim import observability, pki
 from qkd_sim.envelope_keys import AheadKeys, envelope_keys, opening_keys
 from qkd_sim.sae import SAEClient, SAEConfig
-from qstore import otp
+from qstore import otp, secret_meta
 from qstore.cluster import CLIENT_SAE, ClusterState, NodeInfo
 from qstore.decoding import decode
 from qstore.errors import (
@@ -68,7 +70,7 @@ from qstore.errors import (
 )
 from qstore.framing import HEADER_SIZE, encode_header, split_frame
 from qstore.linmap import empty_rows
-from qstore.sharing import Share, combine, interpolate, split, split_into
+from qstore.sharing import Share, interpolate, split_into
 
 DEFAULT_CHUNK = 4 << 20
 MAX_CHUNK = 32 << 20
@@ -428,18 +430,23 @@ class QStore:
                  "version": version, "k": self.k, "n": self.n}
         digest = hashlib.sha256()
         known = _known_size(source, size)
+
+        def secret_shares() -> list[bytes]:
+            """The secret metadata's shares, once the source is read (the digest and meta_after need it)."""
+            doc_meta = user_meta if meta_after is None else _check_user_meta({**user_meta, **meta_after()})
+            return secret_meta.share_doc({"sha256": digest.hexdigest(), "meta": doc_meta}, self.n, self.k)
+
         if known is not None and known <= self.chunk_size and len(json.dumps(begin)) < 4096:
-            live, chunks = await self._put_small(begin, reader, digest, report, progress)
+            live, chunks = await self._put_small(begin, reader, digest, report, progress, secret_shares)
+            sealed: dict[str, str] = {}  # the shares went sealed with the only chunk
         else:
             live, chunks = await self._put_chunked(begin, reader, digest, report, progress)
-        if meta_after is not None:
-            user_meta = _check_user_meta({**user_meta, **meta_after()})
-        secret = _share_secret({"sha256": digest.hexdigest(), "meta": user_meta}, self.n, self.k)
+            sealed = await self._seal_shares(live, secret_shares(), report, upload_id)
         public = {"size": reader.total, "chunk_size": self.chunk_size, "chunks": chunks,
                   "link_cipher": self.link_cipher, "format": 1}
         ok, failed = await self._each(live, lambda nd: nd.call(
             "POST", f"/v1/uploads/{upload_id}/commit",
-            body={"meta": {**public, "secret": secret[nd.info.x - 1]}}))
+            body={"meta": public, **({"secret": sealed[nd.site]} if nd.site in sealed else {})}))
         report.failed.update(failed)
         report.nodes = sorted(ok)
         report.size = reader.total
@@ -450,6 +457,56 @@ class QStore:
                               f"the new version is {'readable' if len(ok) >= self.k else 'not readable'}: "
                               + _why(failed))
         return report
+
+    async def _seal_small(self, nd: _Node, parts: list[Any], report: Report,
+                          cipher: str = "otp") -> bytes | bytearray:
+        """``parts`` sealed as one frame for node ``nd``, with key from the pool when there is one."""
+        cost = otp.key_cost(cipher, sum(len(p) for p in parts))
+        if self._ahead is not None:
+            stream, spent = await self._ahead.envelope(nd.info.id, cost)
+        else:
+            stream, spent = await envelope_keys(self.sae, nd.info.id, cost), cost
+        try:
+            envelope = otp.seal_with(cipher, parts, stream)
+        finally:
+            stream.wipe()
+        report.link(nd.site).key_bytes += spent
+        return envelope
+
+    async def _seal_shares(self, live: list[_Node], shares: list[bytes], report: Report,
+                           upload_id: str) -> dict[str, str]:
+        """Each live node's share of the secret metadata, sealed for it (base64), for its commit."""
+        try:
+            envelopes = await asyncio.gather(*(self._seal_small(nd, [shares[nd.info.x - 1]], report)
+                                               for nd in live))
+        except BaseException:
+            await self._abort(upload_id)
+            raise
+        for nd, env in zip(live, envelopes, strict=True):
+            report.link(nd.site).bytes_sent += len(env)
+        return {nd.site: base64.b64encode(env).decode() for nd, env in zip(live, envelopes, strict=True)}
+
+    async def _open_secrets(self, nd: _Node, answer: Any, field: str) -> Any:
+        """A node's listing with its sealed shares of secret metadata opened into each version's meta."""
+        if not isinstance(answer, dict) or not isinstance(answer.get(field), list):
+            raise NodeError(nd.site, "answered with a malformed listing")
+        sealed = answer.pop("secrets", None)
+        if sealed is None:
+            return answer
+        try:
+            envelope = base64.b64decode(sealed, validate=True)
+        except (TypeError, ValueError, binascii.Error):
+            raise NodeError(nd.site, "sent malformed sealed metadata") from None
+        refs = otp.parse_envelope_refs(envelope)
+        stream = await opening_keys(self.sae, nd.info.id, refs)
+        try:
+            data = otp.open_(envelope, stream)
+        finally:
+            stream.wipe()
+        for v, share in zip(answer[field], secret_meta.unpack_shares(data, len(answer[field])), strict=True):
+            if share is not None and isinstance(v, dict) and isinstance(v.get("meta"), dict):
+                v["meta"]["secret"] = share
+        return answer
 
     async def _put_chunked(self, begin: dict[str, Any], reader: _Reader, digest: Any, report: Report,
                            progress: Progress | None) -> tuple[list[_Node], int]:
@@ -477,41 +534,41 @@ class QStore:
         return live, chunks
 
     async def _put_small(self, begin: dict[str, Any], reader: _Reader, digest: Any, report: Report,
-                         progress: Progress | None) -> tuple[list[_Node], int]:
-        """An object of at most one chunk: begin, send and prepare in one request per node."""
+                         progress: Progress | None,
+                         secret_shares: Callable[[], list[bytes]]) -> tuple[list[_Node], int]:
+        """An object of at most one chunk: begin, send and prepare in one request per node.
+
+        Each node's share of the secret metadata travels in the same sealed
+        envelope, after the frame (``secret_bytes`` says how long it is).
+        """
         upload_id, bucket = begin["upload_id"], begin["bucket"]
         chunk = await reader.aread() if reader.is_async else reader.read()
         if (await reader.aread() if reader.is_async else reader.read()) is not None:
             raise LocalError("the source is longer than its declared size")
         chunks = 0 if chunk is None else 1
-        envelopes: dict[str, bytes | bytearray] = {}
+        parts: dict[str, list[Any]] = {nd.site: [] for nd in self._nodes}
         if chunk is not None:
             digest.update(chunk)
             out = empty_rows(self.n, len(chunk))
             split_into(chunk, self.n, self.k, out)
-            bodies = {nd.site: out[nd.info.x - 1] for nd in self._nodes}
-            headers = {nd.site: encode_header(object_id=bytes.fromhex(begin["object_id"]),
-                                              object_version=begin["version"], chunk_index=0, x=nd.info.x,
-                                              k=self.k, n=self.n, body=bodies[nd.site]) for nd in self._nodes}
-            cost = otp.key_cost(self.link_cipher, HEADER_SIZE + len(chunk))
-
-            async def seal_for(nd: _Node) -> None:
-                if self._ahead is not None:
-                    stream, spent = await self._ahead.envelope(nd.info.id, cost)
-                else:
-                    stream, spent = await envelope_keys(self.sae, nd.info.id, cost), cost
-                try:
-                    envelopes[nd.site] = otp.seal_with(self.link_cipher, [headers[nd.site], bodies[nd.site]],
-                                                       stream)
-                finally:
-                    stream.wipe()
-                report.link(nd.site).key_bytes += spent
-
-            await asyncio.gather(*(seal_for(nd) for nd in self._nodes))
+            for nd in self._nodes:
+                body = out[nd.info.x - 1]
+                parts[nd.site] += [encode_header(object_id=bytes.fromhex(begin["object_id"]),
+                                                 object_version=begin["version"], chunk_index=0, x=nd.info.x,
+                                                 k=self.k, n=self.n, body=body), body]
+        shares = secret_shares()
+        for nd in self._nodes:
+            parts[nd.site].append(shares[nd.info.x - 1])
+        secret_bytes = len(shares[0])
+        # the metadata share rides with the share (under the object's link cipher); alone, one-time pad
+        cipher = self.link_cipher if chunk is not None else "otp"
+        sealed = await asyncio.gather(*(self._seal_small(nd, parts[nd.site], report, cipher)
+                                        for nd in self._nodes))
+        envelopes = {nd.site: env for nd, env in zip(self._nodes, sealed, strict=True)}
 
         async def send(nd: _Node) -> Any:
-            envelope = envelopes.get(nd.site, b"")
-            head = {"X-QStore-Upload": json.dumps({**begin, "x": nd.info.x})}
+            envelope = envelopes[nd.site]
+            head = {"X-QStore-Upload": json.dumps({**begin, "x": nd.info.x, "secret_bytes": secret_bytes})}
             out = await nd.call("PUT", f"/v1/uploads/{upload_id}/oneshot", params={"chunks": str(chunks)},
                                 data=bytes(envelope), headers=head)
             report.link(nd.site).bytes_sent += len(envelope)
@@ -609,10 +666,19 @@ class QStore:
 
     # -- versions -----------------------------------------------------------------------
 
-    async def _candidates(self, bucket: str, key: str, report: Report | None = None) -> list[_Candidate]:
-        """Versions of ``bucket/key`` committed on >= k nodes with agreeing public metadata, newest first."""
-        ok, failed = await self._each(self._nodes, lambda nd: nd.call(
-            "GET", "/v1/versions", params={"bucket": bucket, "key": key}), bucket=bucket)
+    async def _candidates(self, bucket: str, key: str, report: Report | None = None, *,
+                          secrets: bool = True) -> list[_Candidate]:
+        """Versions of ``bucket/key`` committed on >= k nodes with agreeing public metadata, newest first.
+
+        ``secrets``: with each holder's share of the secret metadata (sealed by the node, opened here).
+        """
+        params = {"bucket": bucket, "key": key, **({"secret": "1"} if secrets else {})}
+
+        async def ask(nd: _Node) -> Any:
+            answer = await nd.call("GET", "/v1/versions", params=params)
+            return await self._open_secrets(nd, answer, "versions") if secrets else answer
+
+        ok, failed = await self._each(self._nodes, ask, bucket=bucket)
         if report is not None:
             report.failed.update(failed)
         _raise_common(failed, self.k, bucket=bucket)
@@ -652,13 +718,7 @@ class QStore:
                 shares.append(Share(x=v["x"], data=bytes.fromhex(v["meta"].get("secret")), k=self.k))
             except (TypeError, ValueError, QStoreError):
                 continue
-        if len(shares) < self.k:
-            raise ShareCorruption(f"only {len(shares)} nodes hold readable shares of the object's metadata")
-        try:
-            data = combine(shares) if len(shares) > self.k else interpolate(shares[: self.k])[0].tobytes()
-            return json.loads(data.rstrip(b" "))
-        except (QStoreError, ValueError, IndexError):
-            raise ShareCorruption("the object's metadata shares do not agree") from None
+        return secret_meta.open_doc(shares, self.k)
 
     # -- get ----------------------------------------------------------------------------
 
@@ -871,9 +931,14 @@ class QStore:
 
     async def _listing(self, bucket: str, prefix: str, start_after: str, limit: int, *,
                        with_meta: bool) -> list[ObjectInfo]:
-        params = {"bucket": bucket, "prefix": prefix, "start_after": start_after, "limit": str(limit)}
-        ok, failed = await self._each(self._nodes, lambda nd: nd.call("GET", "/v1/objects", params=params),
-                                      bucket=bucket)
+        params = {"bucket": bucket, "prefix": prefix, "start_after": start_after, "limit": str(limit),
+                  **({"secret": "1"} if with_meta else {})}
+
+        async def ask(nd: _Node) -> Any:
+            answer = await nd.call("GET", "/v1/objects", params=params)
+            return await self._open_secrets(nd, answer, "objects") if with_meta else answer
+
+        ok, failed = await self._each(self._nodes, ask, bucket=bucket)
         _raise_common(failed, self.k, bucket=bucket)
         if len(ok) < self.k:
             raise QuorumError(f"fewer than k = {self.k} nodes answered: " + _why(failed))
@@ -901,7 +966,7 @@ class QStore:
     async def delete(self, bucket: str, key: str) -> Report:
         """Mark ``bucket/key`` deleted (a tombstone version on every node that answers, >= W)."""
         started = time.perf_counter()
-        cands = await self._candidates(bucket, key)
+        cands = await self._candidates(bucket, key, secrets=False)
         if not cands or next(iter(cands[0].holders.values()))["deleted"]:
             raise NoSuchKey(bucket, key)
         version, object_id = time.time_ns(), uuid.uuid4().hex
@@ -965,12 +1030,13 @@ class QStore:
         report = Report("repair", bucket, info.key)
         others = [nd for nd in self._nodes if nd.site in cand.holders and nd.site != node.site]
         others.sort(key=lambda nd: self._latency.get(nd.site, 1.0))
-        meta = next(iter(cand.holders.values()))["meta"]
+        meta = {name: value for name, value in next(iter(cand.holders.values()))["meta"].items()
+                if name != "secret"}  # public facts; the target's share of the secret goes sealed
         secret_shares = [Share(x=v["x"], data=bytes.fromhex(v["meta"]["secret"]), k=self.k)
                          for s, v in cand.holders.items() if s != node.site][: self.k]
         if len(secret_shares) < self.k:
             raise QuorumError("fewer than k other nodes hold this version")
-        my_secret = interpolate(secret_shares, (node.info.x,))[0].tobytes().hex()
+        my_secret = interpolate(secret_shares, (node.info.x,))[0].tobytes()
         upload_id = uuid.uuid4().hex
         object_id = bytes.fromhex(cand.object_id)
         await node.call("POST", "/v1/uploads", body={
@@ -994,8 +1060,8 @@ class QStore:
                     progress(len(body))
             await node.call("POST", f"/v1/uploads/{upload_id}/prepare",
                             body={"chunks": int(meta["chunks"])})
-            await node.call("POST", f"/v1/uploads/{upload_id}/commit",
-                            body={"meta": {**meta, "secret": my_secret}})
+            sealed = base64.b64encode(await self._seal_small(node, [my_secret], report)).decode()
+            await node.call("POST", f"/v1/uploads/{upload_id}/commit", body={"meta": meta, "secret": sealed})
         except BaseException:
             await self._each([node], lambda nd: nd.call("DELETE", f"/v1/uploads/{upload_id}"))
             raise
@@ -1088,13 +1154,6 @@ def _check_user_meta(meta: Mapping[str, str] | None) -> dict[str, str]:
     if len(json.dumps(out).encode()) > MAX_META_BYTES:
         raise LocalError(f"metadata longer than {MAX_META_BYTES} bytes")
     return out
-
-
-def _share_secret(doc: Mapping[str, Any], n: int, k: int) -> list[str]:
-    """Split a small JSON document k-of-n; padded to a multiple of 64 bytes so its length says little."""
-    data = json.dumps(doc, sort_keys=True).encode()
-    data += b" " * (-len(data) % 64)
-    return [s.data.hex() for s in split(data, n, k)]
 
 
 def _end_now(q: asyncio.Queue[bytes | None]) -> None:

@@ -38,6 +38,7 @@ with the status the error carries)::
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import json
@@ -56,15 +57,16 @@ from nodes import mpc as runtime
 from nodes.blobs import open_blobs
 from nodes.catalog import catalog_schema_for
 from nodes.mpc import Mailbox, QueryFailed
+from nodes.pending import PendingSecrets
 from nodes.store import Store, Upload, Version
 from nodes.tables import TableInfo, TableStore, TableUpload, check_sae, check_table_name
 from qkd_sim import observability, pki
 from qkd_sim.envelope_keys import AheadKeys, envelope_keys, opening_keys
 from qkd_sim.kme import caller_of
 from qkd_sim.sae import KMEError, SAEClient, SAEConfig
-from qstore import otp, telemetry
+from qstore import otp, secret_meta, telemetry
 from qstore.cluster import ClusterState, check_catalog_url, node_sae_id
-from qstore.errors import Forbidden, LocalError, QStoreError, RemoteError, SealError
+from qstore.errors import Forbidden, FrameError, LocalError, QStoreError, RemoteError, SealError
 from qstore.framing import HEADER_SIZE, split_frame
 
 log = logging.getLogger(__name__)
@@ -176,6 +178,7 @@ PEER_KEYS = web.AppKey("peer_keys", AheadKeys)  # MPC round messages to peer nod
 CLIENT_KEYS = web.AppKey("client_keys", AheadKeys)  # small shares served to clients
 PEER_SESSION = web.AppKey("peer_session", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", telemetry.NodeMetrics)
+PENDING = web.AppKey("pending", PendingSecrets)  # metadata shares that came with oneshot
 
 
 def _json(obj: object, status: int = 200) -> web.Response:
@@ -183,11 +186,32 @@ def _json(obj: object, status: int = 200) -> web.Response:
 
 
 def version_json(v: Version) -> dict[str, Any]:
+    """A version's public facts: never its share of the secret metadata (see :func:`_versions_answer`)."""
     return {
         "bucket": v.bucket, "key": v.key, "object_id": v.object_id.hex(), "version": v.version,
         "x": v.x, "k": v.k, "n": v.n, "chunks": v.chunks, "share_bytes": v.share_bytes,
-        "deleted": v.deleted, "committed_at": v.committed_at, "meta": v.meta,
+        "deleted": v.deleted, "committed_at": v.committed_at,
+        "meta": {name: value for name, value in v.meta.items() if name != "secret"},
     }
+
+
+async def _versions_answer(request: web.Request, caller: str, name: str,
+                           versions: list[Version]) -> web.Response:
+    """``{name: [version, ...]}``; with ``?secret=1`` also ``secrets``: this node's shares of their
+    secret metadata (one hex string or null per version), sealed for the caller in one envelope."""
+    doc: dict[str, Any] = {name: [version_json(v) for v in versions]}
+    shares = [v.meta.get("secret") for v in versions]
+    if request.query.get("secret") == "1" and any(s is not None for s in shares):
+        data = secret_meta.pack_shares(shares)
+        stream, spent = await request.app[CLIENT_KEYS].envelope(caller, otp.key_cost("otp", len(data)))
+        try:
+            envelope = otp.seal_parts(data, stream)
+        finally:
+            stream.wipe()
+        _count(request, caller, "key_out", spent)
+        _count(request, caller, "bytes_out", len(envelope))
+        doc["secrets"] = base64.b64encode(envelope).decode()
+    return _json(doc)
 
 
 @web.middleware
@@ -318,11 +342,21 @@ async def _oneshot(request: web.Request) -> web.Response:
         raise RemoteError("X-QStore-Upload must be a JSON object naming this upload")
     upload = _upload_of(doc, request.app[CONFIG])
     chunks = _int(request.query.get("chunks", "1"), "chunks", 0, 1)
+    secret_bytes = _int(doc.get("secret_bytes", 0), "secret_bytes", 0, secret_meta.MAX_SHARE_BYTES)
     envelope = await request.read()
     store = request.app[STORE]
     frame = None
-    if chunks:
-        frame = split_frame(await _open(request, caller, envelope))
+    if chunks or secret_bytes:
+        plain = await _open(request, caller, envelope)
+        if len(plain) < secret_bytes:
+            raise FrameError("the envelope is shorter than its metadata share")
+        cut = len(plain) - secret_bytes
+        if chunks:
+            frame = split_frame(memoryview(plain)[:cut])
+        elif cut:
+            raise RemoteError("no chunk announced, but the envelope holds one")
+        if secret_bytes:
+            request.app[PENDING].put(upload.upload_id, bytes(plain[cut:]))
     elif envelope:
         raise RemoteError("no chunk announced, but a body was sent")
     await asyncio.to_thread(_stage_whole, store, upload, frame, chunks)  # one thread hop, not three
@@ -390,17 +424,48 @@ async def _prepare(request: web.Request) -> web.Response:
 
 
 async def _commit(request: web.Request) -> web.Response:
-    _caller(request)
+    """Make a prepared upload visible, with its share of the secret metadata.
+
+    The share comes sealed: as ``secret`` (base64 envelope) in the body, or
+    earlier in the oneshot envelope. A share in the clear is refused: it
+    would cross the link under TLS alone.
+    """
+    caller = _caller(request)
+    upload_id = request.match_info["upload_id"]
     doc = await _body_json(request)
     meta = doc.get("meta", {})
     if not isinstance(meta, dict):
         raise RemoteError("meta must be a JSON object")
-    v = await asyncio.to_thread(request.app[STORE].commit, request.match_info["upload_id"], meta)
+    if "secret" in meta:
+        raise RemoteError("a share of secret metadata must come sealed, not in meta")
+    store, pending = request.app[STORE], request.app[PENDING]
+    sealed = doc.get("secret")
+    if sealed is not None:
+        if not isinstance(sealed, str) or len(sealed) > 2 * secret_meta.MAX_SHARE_BYTES:
+            raise RemoteError("secret must be a base64 envelope")
+        try:
+            envelope = base64.b64decode(sealed, validate=True)
+        except ValueError:
+            raise RemoteError("secret must be a base64 envelope") from None
+        share: bytes | None = await _open(request, caller, envelope)
+    else:
+        share = pending.get(upload_id)
+    if share is None:
+        done = await asyncio.to_thread(store.committed, upload_id)
+        if done is None:
+            raise RemoteError("no share of the object's secret metadata came with this upload "
+                              "(the node may have restarted since): put the object again")
+        return _json(version_json(done))
+    if not share or len(share) > secret_meta.MAX_SHARE_BYTES:
+        raise RemoteError(f"a metadata share must be 1 to {secret_meta.MAX_SHARE_BYTES} bytes")
+    v = await asyncio.to_thread(store.commit, upload_id, {**meta, "secret": bytes(share).hex()})
+    pending.drop(upload_id)
     return _json(version_json(v))
 
 
 async def _abort(request: web.Request) -> web.Response:
     _caller(request)
+    request.app[PENDING].drop(request.match_info["upload_id"])
     await asyncio.to_thread(request.app[STORE].abort, request.match_info["upload_id"])
     return web.Response(status=204)
 
@@ -417,9 +482,9 @@ async def _tombstone(request: web.Request) -> web.Response:
 
 
 async def _versions(request: web.Request) -> web.Response:
-    _caller(request)
+    caller = _caller(request)
     versions = request.app[STORE].versions(_q(request, "bucket"), _q(request, "key"))
-    return _json({"versions": [version_json(v) for v in versions]})
+    return await _versions_answer(request, caller, "versions", versions)
 
 
 def _limit(request: web.Request) -> int:
@@ -427,18 +492,18 @@ def _limit(request: web.Request) -> int:
 
 
 async def _objects(request: web.Request) -> web.Response:
-    _caller(request)
+    caller = _caller(request)
     found = request.app[STORE].list(_q(request, "bucket"), prefix=request.query.get("prefix", ""),
                                     start_after=request.query.get("start_after", ""), limit=_limit(request))
-    return _json({"objects": [version_json(v) for v in found]})
+    return await _versions_answer(request, caller, "objects", found)
 
 
 async def _object_versions(request: web.Request) -> web.Response:
-    _caller(request)
+    caller = _caller(request)
     found = request.app[STORE].list_versions(_q(request, "bucket"), prefix=request.query.get("prefix", ""),
                                              key_marker=request.query.get("key_marker", ""),
                                              limit=_limit(request))
-    return _json({"versions": [version_json(v) for v in found]})
+    return await _versions_answer(request, caller, "versions", found)
 
 
 async def _get_chunk(request: web.Request) -> web.Response:
@@ -859,6 +924,7 @@ def create_app(config: NodeConfig) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=MAX_ENVELOPE)
     app[CONFIG] = config
     app[STATS] = {}
+    app[PENDING] = PendingSecrets(config.staging_ttl_s)
     app[METRICS] = telemetry.NodeMetrics(config.sae_id, lambda: _peer_values(app))
     observability.install(app, app[METRICS], before_scrape=_store_figures)
     app.cleanup_ctx.append(_resources)

@@ -590,6 +590,12 @@ class Store:
         self.blobs.sync()
         return v  # type: ignore[return-value]
 
+    def committed(self, upload_id: str) -> Version | None:
+        """The version an upload became, if it is committed (a retried commit gets it again)."""
+        check_upload_id(upload_id)
+        with self._lock:
+            return self._db.version_of_upload(upload_id)
+
     def _upload_prepared(self, upload_id: str) -> Version | None:
         """Remote blob store: put a prepared upload's data in the bucket before its commit point.
 

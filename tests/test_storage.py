@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import copy
 import hashlib
 import io
 import os
@@ -13,7 +15,7 @@ import pytest
 from client.storage import QStore, QuorumError
 from qkd_sim import pki
 from qkd_sim.sae import KeySupplyExhausted
-from qstore import otp
+from qstore import otp, secret_meta
 from qstore.cluster import CLIENT_SAE, node_sae_id
 from qstore.errors import LocalError, NoSuchBucket, NoSuchKey
 from qstore.framing import HEADER_SIZE
@@ -65,13 +67,17 @@ async def test_key_spent_is_reported_per_link_and_matches_the_frames(cluster):
         await qs.create_bucket("bkt")
         report = await qs.put("bkt", "k", data)
         frames = [CHUNK, CHUNK, 5]
-        per_link = sum(HEADER_SIZE + f + otp.OTK_SIZE for f in frames)
+        # the share of the secret metadata (digest, user metadata) goes sealed with the commit
+        meta_share = len(secret_meta.share_doc({"sha256": "0" * 64, "meta": {}}, 5, 3)[0])
+        per_link = sum(HEADER_SIZE + f + otp.OTK_SIZE for f in frames) + otp.OTK_SIZE + meta_share
         assert {s: u.key_bytes for s, u in report.links.items()} == {s: per_link for s in cluster.sites}
         assert all(u.bytes_sent > sum(frames) for u in report.links.values())
         gcm = await QStore(cluster.state, chunk_size=CHUNK, link_cipher="aes-256-gcm").__aenter__()
         try:
             r2 = await gcm.put("bkt", "k2", data)
-            assert {u.key_bytes for u in r2.links.values()} == {3 * otp.GCM_KEY_SIZE}
+            # metadata shares always go under the one-time pad, whatever the link cipher of the content
+            per_link = 3 * otp.GCM_KEY_SIZE + otp.OTK_SIZE + meta_share
+            assert {u.key_bytes for u in r2.links.values()} == {per_link}
             assert await gcm.get_bytes("bkt", "k2") == data
             assert (await gcm.head("bkt", "k2")).link_cipher == "aes-256-gcm"
         finally:
@@ -171,7 +177,7 @@ async def test_put_with_lower_quorum_succeeds_and_repair_restores_the_node(clust
     async with client(cluster) as qs:
         assert (await qs.head("rrr", "obj")).holders == ("site1", "site2", "site4", "site5")
         summary = await qs.repair("site3")
-        assert summary["repaired"] == ["rrr/obj"] and not summary["failed"]
+        assert summary["repaired"] == ["rrr/obj"] and not summary["failed"], summary
         assert (await qs.head("rrr", "obj")).holders == tuple(cluster.sites)
         again = await qs.repair("site3")
         assert again["repaired"] == []
@@ -443,3 +449,96 @@ async def test_concurrent_gets_share_a_bounded_number_of_chunk_fetches(cluster, 
     # six gets of ten chunks, each keeping READ_WINDOW in flight: overlapping, and without the bound
     # up to 18 at once
     assert storage.READ_WINDOW < peak <= storage.FETCH_SLOTS < len(bodies) * storage.READ_WINDOW
+
+
+def _walk(obj, found):
+    """Every value of a key named "secret" in nested JSON-like data."""
+    if isinstance(obj, dict):
+        for name, value in obj.items():
+            if name == "secret":
+                found.append(value)
+            _walk(value, found)
+    elif isinstance(obj, list | tuple):
+        for value in obj:
+            _walk(value, found)
+
+
+async def test_shares_of_secret_metadata_cross_links_only_sealed(cluster):
+    """Someone who records every client-node exchange and strips TLS (one day, a quantum computer)
+    finds no share of an object's digest or user metadata: the nodes hold them at rest, but they
+    travel only inside one-time-pad envelopes (puts small and chunked, head, get, listings, repair)."""
+    wire: list[object] = []
+
+    def record(qs):
+        for nd in qs._nodes:
+            orig = nd.call
+
+            async def spy(method, path, _orig=orig, **kw):
+                out = await _orig(method, path, **kw)
+                wire.append(copy.deepcopy((path, kw.get("params"), kw.get("headers"), kw.get("body"),
+                                           kw.get("data"), out)))  # as it crossed, before the client opens it
+                return out
+
+            nd.call = spy
+
+    names = ("small", "large", "repaired")
+    async with client(cluster) as qs:
+        record(qs)
+        await qs.create_bucket("sealed")
+        small, large = b"small secret", os.urandom(2 * CHUNK + 3)
+        await qs.put("sealed", "small", small, meta={"patient": "Jane Doe"})
+        await qs.put("sealed", "large", large, meta={"patient": "John Roe"})
+        assert (await qs.head("sealed", "small")).user_meta == {"patient": "Jane Doe"}
+        assert await qs.get_bytes("sealed", "large") == large
+        listed = {i.key: i.user_meta for i in await qs.list_meta("sealed")}
+        assert listed == {"large": {"patient": "John Roe"}, "small": {"patient": "Jane Doe"}}
+    await cluster.stop_node("site3")
+    async with client(cluster, write_quorum=4, node_timeout_s=5) as qs:
+        record(qs)
+        await qs.put("sealed", "repaired", b"later", meta={"patient": "Max Mustermann"})
+    await cluster.start_node("site3")
+    async with client(cluster) as qs:  # the repair gives site3 its share of the secret, sealed
+        record(qs)
+        assert (await qs.repair("site3"))["repaired"] == ["sealed/repaired"]
+        assert (await qs.head("sealed", "repaired")).holders == tuple(cluster.sites)
+    at_rest = [v.meta["secret"] for node in cluster.nodes.values() for name in names
+               for v in node.store.versions("sealed", name)]
+    assert len(at_rest) == len(names) * len(cluster.sites)
+    found: list[object] = []
+    _walk(wire, found)
+    assert found, "the recording saw no metadata share go by"
+    for value in found:  # the "?secret=1" flag, or an envelope
+        assert value == "1" or otp.envelope_cipher(base64.b64decode(value)) == "otp", value
+    text = repr(wire)
+    for share in at_rest:
+        assert share not in text and repr(bytes.fromhex(share))[2:-1] not in text
+    for path, _params, _headers, _body, data, _out in wire:
+        assert data is None or all(bytes.fromhex(s) not in bytes(data) for s in at_rest), path
+
+
+async def test_a_node_refuses_metadata_shares_in_the_clear_and_commits_without_them(cluster):
+    ident = cluster.ids[CLIENT_SAE]
+    ctx = pki.client_ssl_context(ident.cert, ident.key, ident.ca)
+    async with client(cluster) as qs:
+        await qs.create_bucket("clear")
+        await qs.put("clear", "obj", b"data", meta={"a": "b"})
+    base = cluster.urls["site1"]
+    upload = "12" * 16
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+        async with s.get(base + "/v1/versions", params={"bucket": "clear", "key": "obj"}) as r:
+            doc = await r.json()
+            assert r.status == 200 and "secrets" not in doc and "secret" not in doc["versions"][0]["meta"]
+        async with s.get(base + "/v1/versions", params={"bucket": "clear", "key": "obj", "secret": "1"}) as r:
+            doc = await r.json()
+            assert otp.envelope_cipher(base64.b64decode(doc["secrets"])) == "otp"
+        async with s.post(base + "/v1/uploads", json={
+                "upload_id": upload, "bucket": "clear", "key": "new", "object_id": "ab" * 16,
+                "version": 7, "x": 1, "k": 3, "n": 5}) as r:
+            assert r.status == 200
+        async with s.post(base + f"/v1/uploads/{upload}/prepare", json={"chunks": 0}) as r:
+            assert r.status == 200
+        for body in ({"meta": {"secret": "00" * 64}}, {"meta": {}}, {"meta": {}, "secret": "not base64!"}):
+            async with s.post(base + f"/v1/uploads/{upload}/commit", json=body) as r:
+                assert r.status == 400, body
+                assert "secret" in (await r.json())["message"]
+    assert cluster.nodes["site1"].store.versions("clear", "new") == []
