@@ -52,7 +52,15 @@ import aiohttp
 import numpy as np
 
 from qkd_sim import observability, pki
-from qkd_sim.envelope_keys import AheadKeys, envelope_keys, opening_keys
+from qkd_sim.envelope_keys import (
+    ANNOUNCE_HEADER,
+    EPOCH_HEADER,
+    AheadKeys,
+    OpeningKeys,
+    envelope_keys,
+    opening_keys,
+    parse_announcement,
+)
 from qkd_sim.sae import SAEClient, SAEConfig
 from qstore import otp, secret_meta
 from qstore.cluster import CLIENT_SAE, ClusterState, NodeInfo
@@ -189,12 +197,20 @@ class _Candidate:
 
 
 class _Node:
-    """HTTP to one node, with its errors turned into NodeError."""
+    """HTTP to one node, with its errors turned into NodeError.
 
-    def __init__(self, info: NodeInfo, session: aiohttp.ClientSession):
+    With key fetched ahead (``ahead``, ``opening``), every request names this
+    client process (EPOCH_HEADER) and announces the keys fetched ahead for
+    the node since the last one; keys the node announces in its answers start
+    being fetched here (:class:`qkd_sim.envelope_keys.OpeningKeys`).
+    """
+
+    def __init__(self, info: NodeInfo, session: aiohttp.ClientSession, *, ahead: AheadKeys | None = None,
+                 opening: OpeningKeys | None = None, epoch: str | None = None):
         self.info = info
         self.session = session
         self.site = info.site
+        self.ahead, self.opening, self.epoch = ahead, opening, epoch
 
     async def call(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
                    body: object = None, data: bytes | None = None, raw: bool = False,
@@ -204,6 +220,11 @@ class _Node:
         headers = dict(headers or {})
         if body is not None:
             data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+        if self.epoch is not None:
+            headers[EPOCH_HEADER] = self.epoch
+        news = self.ahead.news(self.info.id) if self.ahead is not None else []
+        if news:
+            headers[ANNOUNCE_HEADER] = ",".join(news)
         try:
             async with self.session.request(method, self.info.url + path, params=params, data=data,
                                             headers=headers) as resp:
@@ -211,8 +232,14 @@ class _Node:
                 status = resp.status
                 if reply_headers is not None:
                     reply_headers.update(resp.headers)
+                announced = resp.headers.get(ANNOUNCE_HEADER)
         except (aiohttp.ClientError, OSError) as exc:
             raise NodeError(self.site, f"unreachable ({type(exc).__name__})") from None
+        if announced and self.opening is not None:
+            try:
+                self.opening.announce(self.info.id, parse_announcement(announced))
+            except LocalError:
+                raise NodeError(self.site, "announced malformed key IDs") from None
         if status >= 300:
             try:
                 err = json.loads(payload)
@@ -275,6 +302,7 @@ class QStore:
         self._sae: SAEClient | None = None
         self._key_ahead = key_ahead
         self._ahead: AheadKeys | None = None
+        self._opening: OpeningKeys | None = None
         self._fetch_slots: asyncio.Semaphore | None = None
         self._nodes: list[_Node] = []
         self._latency: dict[str, float] = {}
@@ -294,10 +322,14 @@ class QStore:
                                               timeout=timeout,
                                               trace_configs=[observability.propagate_request_ids()])
         self._sae = await SAEClient(self._sae_config, session=self._session).__aenter__()
+        epoch = None
         if self._key_ahead:
             # a share of up to 16 KiB in whole 1 KiB keys; larger ones fetch key cut to size
             self._ahead = AheadKeys(self._sae, unit=1024, depth=64, most=16)
-        self._nodes = [_Node(info, self._session) for info in sorted(self.state.nodes, key=lambda i: i.x)]
+            self._opening = OpeningKeys(self._sae)
+            epoch = uuid.uuid4().hex
+        self._nodes = [_Node(info, self._session, ahead=self._ahead, opening=self._opening, epoch=epoch)
+                       for info in sorted(self.state.nodes, key=lambda i: i.x)]
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -308,6 +340,9 @@ class QStore:
         if self._ahead is not None:
             await self._ahead.close()
             self._ahead = None
+        if self._opening is not None:
+            await self._opening.close()
+            self._opening = None
         if self._sae is not None:
             await self._sae.close()
             self._sae = None
@@ -436,17 +471,31 @@ class QStore:
             doc_meta = user_meta if meta_after is None else _check_user_meta({**user_meta, **meta_after()})
             return secret_meta.share_doc({"sha256": digest.hexdigest(), "meta": doc_meta}, self.n, self.k)
 
+        shares: list[bytes] = []
+        sealed: dict[str, bytes | bytearray] = {}
         if known is not None and known <= self.chunk_size and len(json.dumps(begin)) < 4096:
             live, chunks = await self._put_small(begin, reader, digest, report, progress, secret_shares)
-            sealed: dict[str, str] = {}  # the shares went sealed with the only chunk
+            # the shares of the secret metadata went sealed with the only chunk
         else:
             live, chunks = await self._put_chunked(begin, reader, digest, report, progress)
-            sealed = await self._seal_shares(live, secret_shares(), report, upload_id)
+            shares = secret_shares()
+            sealed = await self._seal_shares(live, shares, report, upload_id)
         public = {"size": reader.total, "chunk_size": self.chunk_size, "chunks": chunks,
                   "link_cipher": self.link_cipher, "format": 1}
-        ok, failed = await self._each(live, lambda nd: nd.call(
-            "POST", f"/v1/uploads/{upload_id}/commit",
-            body={"meta": public, **({"secret": sealed[nd.site]} if nd.site in sealed else {})}))
+
+        async def commit(nd: _Node) -> Any:
+            path = f"/v1/uploads/{upload_id}/commit"
+            if nd.site not in sealed:
+                return await nd.call("POST", path, body={"meta": public})
+
+            async def attempt(envelope: bytes | bytearray) -> Any:
+                report.link(nd.site).bytes_sent += len(envelope)
+                return await nd.call("POST", path,
+                                     body={"meta": public, "secret": base64.b64encode(envelope).decode()})
+
+            return await self._resealed(nd, [shares[nd.info.x - 1]], report, "otp", sealed[nd.site], attempt)
+
+        ok, failed = await self._each(live, commit)
         report.failed.update(failed)
         report.nodes = sorted(ok)
         report.size = reader.total
@@ -474,17 +523,38 @@ class QStore:
         return envelope
 
     async def _seal_shares(self, live: list[_Node], shares: list[bytes], report: Report,
-                           upload_id: str) -> dict[str, str]:
-        """Each live node's share of the secret metadata, sealed for it (base64), for its commit."""
+                           upload_id: str) -> dict[str, bytes | bytearray]:
+        """Each live node's share of the secret metadata, sealed for it, for its commit (else abort)."""
         try:
             envelopes = await asyncio.gather(*(self._seal_small(nd, [shares[nd.info.x - 1]], report)
                                                for nd in live))
         except BaseException:
             await self._abort(upload_id)
             raise
-        for nd, env in zip(live, envelopes, strict=True):
-            report.link(nd.site).bytes_sent += len(env)
-        return {nd.site: base64.b64encode(env).decode() for nd, env in zip(live, envelopes, strict=True)}
+        return {nd.site: env for nd, env in zip(live, envelopes, strict=True)}
+
+    async def _opening_keys(self, nd: _Node, refs: list[otp.KeyRef]) -> otp.KeyStream:
+        """The keys an envelope from ``nd`` names: announced ones fetched ahead, the rest now."""
+        if self._opening is not None:
+            return await self._opening.stream(nd.info.id, refs)
+        return await opening_keys(self.sae, nd.info.id, refs)
+
+    async def _resealed(self, nd: _Node, parts: list[Any], report: Report, cipher: str,
+                        envelope: bytes | bytearray,
+                        send: Callable[[bytes | bytearray], Awaitable[Any]]) -> Any:
+        """``send(envelope)``; once more with fresh key when the node cannot open key from the pool.
+
+        A node that restarted lost the keys it fetched ahead on our
+        announcement, and ETSI GS QKD 014 hands a key out once: the rest of
+        the pool is useless to it, so the pool starts again.
+        """
+        try:
+            return await send(envelope)
+        except NodeError as exc:
+            if self._ahead is None or exc.name != "SealError":
+                raise
+        self._ahead.reset(nd.info.id)
+        return await send(await self._seal_small(nd, parts, report, cipher))
 
     async def _open_secrets(self, nd: _Node, answer: Any, field: str) -> Any:
         """A node's listing with its sealed shares of secret metadata opened into each version's meta."""
@@ -498,7 +568,7 @@ class QStore:
         except (TypeError, ValueError, binascii.Error):
             raise NodeError(nd.site, "sent malformed sealed metadata") from None
         refs = otp.parse_envelope_refs(envelope)
-        stream = await opening_keys(self.sae, nd.info.id, refs)
+        stream = await self._opening_keys(nd, refs)
         try:
             data = otp.open_(envelope, stream)
         finally:
@@ -567,12 +637,15 @@ class QStore:
         envelopes = {nd.site: env for nd, env in zip(self._nodes, sealed, strict=True)}
 
         async def send(nd: _Node) -> Any:
-            envelope = envelopes[nd.site]
             head = {"X-QStore-Upload": json.dumps({**begin, "x": nd.info.x, "secret_bytes": secret_bytes})}
-            out = await nd.call("PUT", f"/v1/uploads/{upload_id}/oneshot", params={"chunks": str(chunks)},
-                                data=bytes(envelope), headers=head)
-            report.link(nd.site).bytes_sent += len(envelope)
-            return out
+
+            async def attempt(envelope: bytes | bytearray) -> Any:
+                out = await nd.call("PUT", f"/v1/uploads/{upload_id}/oneshot", params={"chunks": str(chunks)},
+                                    data=bytes(envelope), headers=head)
+                report.link(nd.site).bytes_sent += len(envelope)
+                return out
+
+            return await self._resealed(nd, parts[nd.site], report, cipher, envelopes[nd.site], attempt)
 
         try:
             ok, failed = await self._each(self._nodes, send, bucket=bucket)
@@ -812,7 +885,7 @@ class QStore:
         async with asyncio.timeout(self.node_timeout_s):
             envelope = await nd.call("GET", "/v1/chunk", params=params, raw=True)
             refs = otp.parse_envelope_refs(envelope)
-            stream = await opening_keys(self.sae, nd.info.id, refs)
+            stream = await self._opening_keys(nd, refs)
         try:
             h, body = split_frame(otp.open_(envelope, stream))
         finally:

@@ -61,13 +61,21 @@ from nodes.pending import PendingSecrets
 from nodes.store import Store, Upload, Version
 from nodes.tables import TableInfo, TableStore, TableUpload, check_sae, check_table_name
 from qkd_sim import observability, pki
-from qkd_sim.envelope_keys import AheadKeys, envelope_keys, opening_keys
+from qkd_sim.envelope_keys import (
+    ANNOUNCE_HEADER,
+    EPOCH_HEADER,
+    AheadKeys,
+    OpeningKeys,
+    check_epoch,
+    envelope_keys,
+    parse_announcement,
+)
 from qkd_sim.kme import caller_of
 from qkd_sim.sae import KMEError, SAEClient, SAEConfig
 from qstore import otp, secret_meta, telemetry
 from qstore.cluster import ClusterState, check_catalog_url, node_sae_id
 from qstore.errors import Forbidden, FrameError, LocalError, QStoreError, RemoteError, SealError
-from qstore.framing import HEADER_SIZE, split_frame
+from qstore.framing import split_frame
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +184,7 @@ TABLES = web.AppKey("tables", TableStore)
 MAILBOX = web.AppKey("mailbox", Mailbox)
 PEER_KEYS = web.AppKey("peer_keys", AheadKeys)  # MPC round messages to peer nodes
 CLIENT_KEYS = web.AppKey("client_keys", AheadKeys)  # small shares served to clients
+OPENING = web.AppKey("opening", OpeningKeys)  # keys that clients announced, fetched ahead
 PEER_SESSION = web.AppKey("peer_session", aiohttp.ClientSession)
 METRICS = web.AppKey("metrics", telemetry.NodeMetrics)
 PENDING = web.AppKey("pending", PendingSecrets)  # metadata shares that came with oneshot
@@ -201,17 +210,11 @@ async def _versions_answer(request: web.Request, caller: str, name: str,
     secret metadata (one hex string or null per version), sealed for the caller in one envelope."""
     doc: dict[str, Any] = {name: [version_json(v) for v in versions]}
     shares = [v.meta.get("secret") for v in versions]
+    headers: dict[str, str] = {}
     if request.query.get("secret") == "1" and any(s is not None for s in shares):
-        data = secret_meta.pack_shares(shares)
-        stream, spent = await request.app[CLIENT_KEYS].envelope(caller, otp.key_cost("otp", len(data)))
-        try:
-            envelope = otp.seal_parts(data, stream)
-        finally:
-            stream.wipe()
-        _count(request, caller, "key_out", spent)
-        _count(request, caller, "bytes_out", len(envelope))
+        envelope, headers = await _seal_reply(request, caller, "otp", [secret_meta.pack_shares(shares)])
         doc["secrets"] = base64.b64encode(envelope).decode()
-    return _json(doc)
+    return web.json_response(doc, headers=headers)
 
 
 @web.middleware
@@ -235,10 +238,46 @@ async def _errors(request: web.Request,
 
 
 def _caller(request: web.Request) -> str:
+    """The calling SAE; the keys it announced (ANNOUNCE_HEADER) start being fetched ahead."""
     caller = caller_of(request)
     if caller is None:
         raise Unauthorized("a client certificate naming an SAE is required")
+    news = request.headers.get(ANNOUNCE_HEADER)
+    if news:
+        try:
+            request.app[OPENING].announce(caller, parse_announcement(news))
+        except LocalError as exc:
+            raise RemoteError(str(exc)) from None
     return caller
+
+
+async def _seal_reply(request: web.Request, caller: str, cipher: str,
+                      parts: list[Any]) -> tuple[bytes | bytearray, dict[str, str]]:
+    """``parts`` sealed for the caller, and the headers to send with it.
+
+    A caller that names its process (EPOCH_HEADER: long-lived ones, such as
+    the S3 gateway) gets key from a pool of its own, whose key IDs the
+    headers announce so that it fetches them ahead. Without it, keys of one
+    pool would reach several processes of one SAE, and one could not open
+    what the other fetched.
+    """
+    epoch = request.headers.get(EPOCH_HEADER)
+    if epoch is not None:
+        try:
+            check_epoch(epoch)
+        except LocalError as exc:
+            raise RemoteError(str(exc)) from None
+    pool = caller if epoch is None else (caller, epoch)
+    keys = request.app[CLIENT_KEYS]
+    stream, spent = await keys.envelope(caller, otp.key_cost(cipher, sum(len(p) for p in parts)), pool=pool)
+    try:
+        envelope = otp.seal_with(cipher, parts, stream)
+    finally:
+        stream.wipe()
+    _count(request, caller, "key_out", spent)
+    _count(request, caller, "bytes_out", len(envelope))
+    news = keys.news(pool) if epoch is not None else []
+    return envelope, ({ANNOUNCE_HEADER: ",".join(news)} if news else {})
 
 
 async def _body_json(request: web.Request) -> dict[str, Any]:
@@ -390,7 +429,7 @@ async def _open(request: web.Request, caller: str, envelope: bytes) -> bytes:
     """The frame inside a sealed envelope from ``caller`` (fetching its keys with dec_keys)."""
     refs = otp.parse_envelope_refs(envelope, max_length=otp.MAX_LENGTH)
     try:
-        stream = await opening_keys(request.app[SAE], caller, refs)
+        stream = await request.app[OPENING].stream(caller, refs)
     except KMEError as exc:
         if exc.kme_status in (400, 401):
             raise SealError() from None  # a replayed or invented key_ID: the KME has none for us
@@ -516,16 +555,8 @@ async def _get_chunk(request: web.Request) -> web.Response:
                       _int(_q(request, "version"), "version"))
     index = _int(_q(request, "index"), "index", 0, 2**32 - 1)
     header, body = await asyncio.to_thread(store.read_chunk, v, index)
-    frame = [header.to_bytes(), body]
-    need = otp.key_cost(cipher, HEADER_SIZE + len(body))
-    stream, need = await request.app[CLIENT_KEYS].envelope(caller, need)
-    try:
-        envelope = otp.seal_with(cipher, frame, stream)
-    finally:
-        stream.wipe()
-    _count(request, caller, "key_out", need)
-    _count(request, caller, "bytes_out", len(envelope))
-    return web.Response(body=envelope, content_type="application/octet-stream")
+    envelope, headers = await _seal_reply(request, caller, cipher, [header.to_bytes(), body])
+    return web.Response(body=envelope, content_type="application/octet-stream", headers=headers)
 
 
 async def _admin_gc(request: web.Request) -> web.Response:
@@ -864,6 +895,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[PEER_KEYS] = AheadKeys(app[SAE])
     # a small object's share (up to 16 KiB) in whole 1 KiB keys; larger ones fetch key cut to size
     app[CLIENT_KEYS] = AheadKeys(app[SAE], unit=1024, depth=64, most=16)
+    app[OPENING] = OpeningKeys(app[SAE])
     tasks = [asyncio.create_task(_every(c.gc_interval_s, lambda: app[STORE].gc(
                  staging_ttl_s=c.staging_ttl_s, superseded_ttl_s=c.superseded_ttl_s), "gc")),
              asyncio.create_task(_every(c.scrub_interval_s,
@@ -878,6 +910,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                 await t
         await app[PEER_KEYS].close()
         await app[CLIENT_KEYS].close()
+        await app[OPENING].close()
         await sae.close()
         await app[PEER_SESSION].close()
         app[STORE].close()

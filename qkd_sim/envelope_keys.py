@@ -15,12 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from typing import Any
 
+from qkd_sim.etsi014 import canonical_key_id
 from qkd_sim.sae import SAEClient
-from qstore.errors import LocalError
+from qstore.errors import LocalError, QStoreError
 from qstore.otp import KeyRef, KeyStream, QKDKey
+
+ANNOUNCE_HEADER = "X-QStore-Keys"  # key IDs a sender fetched ahead for envelopes to the receiver
+EPOCH_HEADER = "X-QStore-Epoch"  # names one receiving process of an SAE (random, per process)
+MAX_ANNOUNCED = 256  # key IDs in one announcement at most
+_HEX = frozenset("0123456789abcdef")
 
 
 async def envelope_keys(sae: SAEClient, peer: str, nbytes: int) -> KeyStream:
@@ -86,6 +92,7 @@ class KeyPool:
         self.depth = depth
         self.most = most  # keys per message at most: larger messages fetch their own, cut to size
         self._keys: list[Any] = []
+        self._news: list[str] = []  # IDs of keys fetched but not yet announced to the receiver
         self._refill: asyncio.Task[None] | None = None
         self.retry_s = retry_s
         self._retry_at = 0.0  # loop time before which no refill starts (after a failed one)
@@ -100,7 +107,10 @@ class KeyPool:
         if want <= 0:
             return
         try:
-            self._keys.extend(await self._fetch(want, 8 * self.unit))
+            keys = await self._fetch(want, 8 * self.unit)
+            self._keys.extend(keys)
+            self._news.extend(k.key_id for k in keys if hasattr(k, "key_id"))
+            del self._news[: -MAX_ANNOUNCED]
         except Exception:  # the next message fetches its own key and reports the error
             self._retry_at = asyncio.get_running_loop().time() + self.retry_s
 
@@ -117,12 +127,18 @@ class KeyPool:
             self._start_refill()
         return taken
 
+    def news(self) -> list[str]:
+        """IDs of keys fetched since the last call: for the receiver to fetch ahead (:class:`OpeningKeys`)."""
+        news, self._news = self._news, []
+        return news
+
     async def close(self) -> None:
         if self._refill is not None:
             self._refill.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._refill
         self._keys = []  # QKDKey bytes are immutable: dropped, as envelope_keys drops its own
+        self._news = []
 
 
 class AheadKeys:
@@ -133,10 +149,13 @@ class AheadKeys:
     command) would leave its pool's keys unused.
     """
 
-    def __init__(self, sae: SAEClient, *, unit: int = 512, depth: int = 16, most: int = 4):
+    def __init__(self, sae: SAEClient, *, unit: int = 512, depth: int = 16, most: int = 4,
+                 max_pools: int = 1024):
         self.sae = sae
         self.unit, self.depth, self.most = unit, depth, most
-        self._pools: dict[str, KeyPool] = {}
+        self.max_pools = max_pools
+        self._pools: dict[Hashable, KeyPool] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     def _fetch(self, peer: str) -> Callable[[int, int], Awaitable[list[Any]]]:
         async def fetch(number: int, size_bits: int) -> list[Any]:
@@ -145,19 +164,151 @@ class AheadKeys:
 
         return fetch
 
-    async def envelope(self, peer: str, nbytes: int) -> tuple[KeyStream, int]:
+    async def envelope(self, peer: str, nbytes: int, *, pool: Hashable = None) -> tuple[KeyStream, int]:
         """Key for one envelope of ``nbytes`` to ``peer``, and the key bytes it spends (whole keys when
-        they come from the pool: the rest of the last one is wiped unused)."""
-        pool = self._pools.get(peer)
-        if pool is None:
-            pool = self._pools[peer] = KeyPool(self._fetch(peer), unit=self.unit, depth=self.depth,
+        they come from the pool: the rest of the last one is wiped unused).
+
+        ``pool``: which of the peer's pools (default: the peer's own). A node keeps one per receiving
+        process of an SAE, so that keys it announced reach only the process that fetches them.
+        """
+        name = peer if pool is None else pool
+        keys = self._pools.get(name)
+        if keys is None:
+            if len(self._pools) >= self.max_pools:
+                self._retire(next(iter(self._pools)))
+            keys = self._pools[name] = KeyPool(self._fetch(peer), unit=self.unit, depth=self.depth,
                                                most=self.most)
-        ahead = pool.take(nbytes)
+        ahead = keys.take(nbytes)
         if ahead is not None:
-            return KeyStream(ahead), len(ahead) * pool.unit
+            return KeyStream(ahead), len(ahead) * keys.unit
         return await envelope_keys(self.sae, peer, nbytes), nbytes
+
+    def pooled(self, nbytes: int) -> bool:
+        """Whether an envelope of ``nbytes`` may take key from a pool (else it fetches its own)."""
+        return -(-nbytes // self.unit) <= self.most
+
+    def news(self, pool: Hashable) -> list[str]:
+        """Key IDs the pool fetched since last asked: announce them to the receiver."""
+        keys = self._pools.get(pool)
+        return keys.news() if keys is not None else []
+
+    def reset(self, pool: Hashable) -> None:
+        """Drop a pool (the receiver lost the keys it fetched ahead: it restarted); the next starts fresh."""
+        if pool in self._pools:
+            self._retire(pool)
+
+    def _retire(self, pool: Hashable) -> None:
+        task = asyncio.get_running_loop().create_task(self._pools.pop(pool).close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         for pool in self._pools.values():
             await pool.close()
         self._pools.clear()
+        for task in list(self._closing):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def check_epoch(epoch: str) -> str:
+    """An :data:`EPOCH_HEADER` value: 16 to 64 lowercase hex digits (LocalError otherwise)."""
+    if not 16 <= len(epoch) <= 64 or not set(epoch) <= _HEX:
+        raise LocalError(f"{EPOCH_HEADER} must be 16 to 64 lowercase hex digits")
+    return epoch
+
+
+def parse_announcement(value: str | None) -> list[str]:
+    """The key IDs of an :data:`ANNOUNCE_HEADER` value (comma-separated); LocalError when malformed."""
+    if not value:
+        return []
+    ids = value.split(",")
+    if len(ids) > MAX_ANNOUNCED:
+        raise LocalError(f"at most {MAX_ANNOUNCED} key IDs may be announced at once")
+    return [canonical_key_id(i.strip()) for i in ids]
+
+
+class OpeningKeys:
+    """The receiving side of announced keys: fetched ahead with one ``dec_keys`` per announcement.
+
+    A sender that fetched keys ahead (:class:`AheadKeys`) names them in
+    :data:`ANNOUNCE_HEADER`; the receiver fetches them all at once in the
+    background, and an envelope that uses them opens without a KME round trip
+    of its own. Each key still serves one envelope: :meth:`stream` hands a
+    held key out once and forgets it, so a replayed envelope finds nothing
+    here, asks the KME, and is refused there as before. IDs this receiver has
+    asked for already (alone or announced) are never asked again, so a late
+    announcement cannot spoil a batch. Held keys are bounded per sender
+    (``most``; the oldest go), and so is the memory of IDs asked.
+    """
+
+    def __init__(self, sae: SAEClient, *, most: int = 512, remember: int = 8192):
+        self.sae = sae
+        self.most, self.remember = most, remember
+        self._held: dict[str, dict[str, QKDKey]] = {}  # master -> key_ID -> key, oldest first
+        self._asked: dict[str, dict[str, None]] = {}  # master -> key IDs asked for, oldest first
+        self._pending: dict[str, asyncio.Future[None]] = {}  # key_ID -> its batch fetch
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _mark_asked(self, master: str, ids: Iterable[str]) -> None:
+        asked = self._asked.setdefault(master, {})
+        for i in ids:
+            asked[i] = None
+        while len(asked) > self.remember:
+            del asked[next(iter(asked))]
+
+    def announce(self, master: str, key_ids: Iterable[str]) -> None:
+        """Start fetching the announced keys that were never asked for."""
+        asked = self._asked.get(master, {})
+        ids = [i for i in dict.fromkeys(key_ids) if i not in asked and i not in self._pending]
+        if not ids:
+            return
+        self._mark_asked(master, ids)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for i in ids:
+            self._pending[i] = done
+        task = asyncio.get_running_loop().create_task(self._fetch(master, ids, done))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fetch(self, master: str, ids: list[str], done: asyncio.Future[None]) -> None:
+        try:
+            per = (await self.sae.limits(master)).max_key_per_request
+            for start in range(0, len(ids), per):
+                keys = await self.sae.get_dec_keys(master, ids[start : start + per])
+                held = self._held.setdefault(master, {})
+                held.update((k.key_id, k) for k in keys)
+                while len(held) > self.most:
+                    del held[next(iter(held))]
+        except (QStoreError, OSError):
+            pass  # the envelopes that use these keys ask for them alone, and fail there if they must
+        finally:
+            for i in ids:
+                self._pending.pop(i, None)
+            done.set_result(None)
+
+    async def stream(self, master: str, refs: list[KeyRef]) -> KeyStream:
+        """The keys an envelope from ``master`` names: held ones, the rest with ``dec_keys``."""
+        ids = list(dict.fromkeys(ref.key_id for ref in refs))
+        waits = {self._pending[i] for i in ids if i in self._pending}
+        if waits:
+            await asyncio.gather(*waits)
+        held = self._held.get(master, {})
+        have = [held.pop(i) for i in ids if i in held]
+        got = {k.key_id for k in have}
+        missing = [i for i in ids if i not in got]
+        if missing:
+            self._mark_asked(master, missing)
+            status = await self.sae.limits(master)
+            per = status.max_key_per_request
+            batches = await asyncio.gather(*(self.sae.get_dec_keys(master, missing[i : i + per])
+                                             for i in range(0, len(missing), per)))
+            have += [key for batch in batches for key in batch]
+        return KeyStream(have)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._held.clear()  # QKDKey bytes are immutable: dropped

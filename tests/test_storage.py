@@ -7,6 +7,7 @@ import base64
 import copy
 import hashlib
 import io
+import json
 import os
 
 import aiohttp
@@ -542,3 +543,84 @@ async def test_a_node_refuses_metadata_shares_in_the_clear_and_commits_without_t
                 assert r.status == 400, body
                 assert "secret" in (await r.json())["message"]
     assert cluster.nodes["site1"].store.versions("clear", "new") == []
+
+
+@pytest.fixture
+def dec_keys_calls(monkeypatch):
+    """How many dec_keys requests the SAEs of this process (client and nodes) make."""
+    from qkd_sim.sae import SAEClient
+
+    calls = []
+    real = SAEClient.get_dec_keys
+
+    async def counted(self, master, key_ids):
+        key_ids = list(key_ids)
+        calls.append((self.config.sae_id, master, len(key_ids)))
+        return await real(self, master, key_ids)
+
+    monkeypatch.setattr(SAEClient, "get_dec_keys", counted)
+    return calls
+
+
+async def test_keys_fetched_ahead_are_announced_and_opened_without_a_kme_trip_each(cluster, dec_keys_calls):
+    """A long-lived client (the gateway) and the nodes name the keys they fetched ahead; the receiver
+    fetches each batch in one dec_keys, so small objects move without a KME request per envelope."""
+    bodies = {f"o{i}": os.urandom(4096 + i) for i in range(40)}
+    async with client(cluster, key_ahead=True) as qs:
+        await qs.create_bucket("ahead")
+        for name, body in bodies.items():
+            await qs.put("ahead", name, body, meta={"n": name})
+        for name, body in bodies.items():
+            assert await qs.get_bytes("ahead", name) == body
+            assert (await qs.head("ahead", name)).user_meta == {"n": name}
+    ops = 3 * len(bodies)  # puts, gets, heads: each seals to or opens from all five nodes
+    per_envelope = ops * len(cluster.sites)
+    assert len(dec_keys_calls) < ops < per_envelope, len(dec_keys_calls)
+    assert max(n for _, _, n in dec_keys_calls) > 16  # whole announced batches
+    async with client(cluster) as qs:  # a short-lived client announces nothing and still reads
+        assert await qs.get_bytes("ahead", "o7") == bodies["o7"]
+
+
+async def test_two_processes_of_one_sae_never_take_each_others_announced_keys(cluster):
+    async with client(cluster, key_ahead=True) as a, client(cluster, key_ahead=True) as b:
+        await a.create_bucket("two")
+        for i in range(30):
+            writer, reader = (a, b) if i % 2 else (b, a)
+            body = os.urandom(3000 + i)
+            await writer.put("two", f"k{i}", body)
+            got = await asyncio.gather(reader.get_bytes("two", f"k{i}"), writer.get_bytes("two", f"k{i}"))
+            assert got == [body, body]
+
+
+async def test_a_restarted_node_gets_fresh_keys_and_replays_stay_refused(cluster):
+    async with client(cluster, key_ahead=True) as qs:
+        await qs.create_bucket("restart")
+        for i in range(10):
+            await qs.put("restart", f"before{i}", b"x" * 2000)
+        await cluster.stop_node("site2")
+        await cluster.start_node("site2")  # it lost the keys it fetched on our announcements
+        report = await qs.put("restart", "after", b"y" * 2000)
+        assert report.nodes == cluster.sites and not report.failed
+        assert await qs.get_bytes("restart", "after") == b"y" * 2000
+
+        node = next(nd for nd in qs._nodes if nd.site == "site3")
+        orig, captured = node.call, []
+
+        async def spy(method, path, **kw):
+            if path.endswith("/oneshot"):
+                captured.append((path, kw["data"], kw["headers"], kw["params"]))
+            return await orig(method, path, **kw)
+
+        node.call = spy
+        await qs.put("restart", "once", b"z" * 2000)
+        node.call = orig
+    path, envelope, headers, params = captured[0]
+    ident = cluster.ids[CLIENT_SAE]
+    ctx = pki.client_ssl_context(ident.cert, ident.key, ident.ca)
+    replay = path.replace(path.split("/")[3], "cd" * 16)
+    doc = json.loads(headers["X-QStore-Upload"])
+    headers = {"X-QStore-Upload": json.dumps({**doc, "upload_id": "cd" * 16, "key": "replayed"})}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
+        async with s.put(cluster.urls["site3"] + replay, data=envelope, headers=headers, params=params) as r:
+            assert r.status == 403 and (await r.json())["error"] == "SealError"
+    assert cluster.nodes["site3"].store.versions("restart", "replayed") == []
