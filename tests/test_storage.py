@@ -620,7 +620,7 @@ async def test_a_restarted_node_gets_fresh_keys_and_replays_stay_refused(cluster
     replay = path.replace(path.split("/")[3], "cd" * 16)
     doc = json.loads(headers["X-QStore-Upload"])
     headers = {"X-QStore-Upload": json.dumps({**doc, "upload_id": "cd" * 16, "key": "replayed"})}
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
-        async with s.put(cluster.urls["site3"] + replay, data=envelope, headers=headers, params=params) as r:
-            assert r.status == 403 and (await r.json())["error"] == "SealError"
+    async with (aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s,
+                s.put(cluster.urls["site3"] + replay, data=envelope, headers=headers, params=params) as r):
+        assert r.status == 403 and (await r.json())["error"] == "SealError"
     assert cluster.nodes["site3"].store.versions("restart", "replayed") == []
