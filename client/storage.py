@@ -81,6 +81,8 @@ from qstore.linmap import empty_rows
 from qstore.sharing import Share, interpolate, split_into
 
 DEFAULT_CHUNK = 4 << 20
+VERSIONS_FIRST = 4  # versions asked of each node first: the newest readable one is almost always there
+INLINE_SHARE = 12 << 10  # a node sends a share this small with the version it answers (one trip for a get)
 MAX_CHUNK = 32 << 20
 QUEUE_DEPTH = 2
 READ_WINDOW = 3
@@ -194,6 +196,7 @@ class _Candidate:
     version: int
     object_id: str
     holders: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> version json
+    inline: dict[str, bytes] = field(default_factory=dict)  # site -> its frame of chunk 0, sent along
 
 
 class _Node:
@@ -557,7 +560,11 @@ class QStore:
         return await send(await self._seal_small(nd, parts, report, cipher))
 
     async def _open_secrets(self, nd: _Node, answer: Any, field: str) -> Any:
-        """A node's listing with its sealed shares of secret metadata opened into each version's meta."""
+        """A node's listing with its sealed shares of secret metadata opened into each version's meta.
+
+        A share of chunk 0 that came in the same envelope (``inline``) is left in
+        ``answer["inline_frame"]`` as (version, object ID, frame).
+        """
         if not isinstance(answer, dict) or not isinstance(answer.get(field), list):
             raise NodeError(nd.site, "answered with a malformed listing")
         sealed = answer.pop("secrets", None)
@@ -573,6 +580,16 @@ class QStore:
             data = otp.open_(envelope, stream)
         finally:
             stream.wipe()
+        inline = answer.pop("inline", None)
+        if inline is not None:
+            try:
+                cut = len(data) - int(inline["bytes"])
+                if not 0 <= cut < len(data):
+                    raise ValueError
+                answer["inline_frame"] = (int(inline["version"]), str(inline["object_id"]), data[cut:])
+            except (TypeError, ValueError, KeyError):
+                raise NodeError(nd.site, "sent a malformed inline share") from None
+            data = data[:cut]
         for v, share in zip(answer[field], secret_meta.unpack_shares(data, len(answer[field])), strict=True):
             if share is not None and isinstance(v, dict) and isinstance(v.get("meta"), dict):
                 v["meta"]["secret"] = share
@@ -740,12 +757,29 @@ class QStore:
     # -- versions -----------------------------------------------------------------------
 
     async def _candidates(self, bucket: str, key: str, report: Report | None = None, *,
-                          secrets: bool = True) -> list[_Candidate]:
+                          secrets: bool = True, inline: bool = False,
+                          want: tuple[int, str] | None = None) -> list[_Candidate]:
         """Versions of ``bucket/key`` committed on >= k nodes with agreeing public metadata, newest first.
 
         ``secrets``: with each holder's share of the secret metadata (sealed by the node, opened here).
+        ``inline``: a small newest version's share comes along too, so a get needs no second trip.
+        Each node names its newest :data:`VERSIONS_FIRST` versions first (a key written a million
+        times must not cost a million versions per get); all of them only when a node's older ones
+        could matter: no readable version among the newest, or ``want`` (version, object ID) older.
         """
-        params = {"bucket": bucket, "key": key, **({"secret": "1"} if secrets else {})}
+        out, sure = await self._candidates_upto(bucket, key, report, secrets, inline, VERSIONS_FIRST, want)
+        if not sure:
+            out, _ = await self._candidates_upto(bucket, key, report, secrets, inline, None, want)
+        return out
+
+    async def _candidates_upto(self, bucket: str, key: str, report: Report | None, secrets: bool,
+                               inline: bool, limit: int | None,
+                               want: tuple[int, str] | None) -> tuple[list[_Candidate], bool]:
+        """The candidates among each node's newest ``limit`` versions, and whether older ones cannot
+        change the answer."""
+        params = {"bucket": bucket, "key": key, **({"secret": "1"} if secrets else {}),
+                  **({"inline": str(INLINE_SHARE)} if secrets and inline else {}),
+                  **({"limit": str(limit)} if limit is not None else {})}
 
         async def ask(nd: _Node) -> Any:
             answer = await nd.call("GET", "/v1/versions", params=params)
@@ -763,6 +797,11 @@ class QStore:
                 ident = (v["version"], v["object_id"])
                 cand = by_id.setdefault(ident, _Candidate(*ident))
                 cand.holders[site] = v
+        for site, answer in ok.items():
+            if "inline_frame" in answer:
+                version, object_id, frame = answer["inline_frame"]
+                if (version, object_id) in by_id:
+                    by_id[version, object_id].inline[site] = frame
         out = []
         for cand in sorted(by_id.values(), key=lambda c: (c.version, c.object_id), reverse=True):
             votes = collections.Counter(_public(v["meta"]) + _flag(v) for v in cand.holders.values())
@@ -771,11 +810,24 @@ class QStore:
                 cand.holders = {s: v for s, v in cand.holders.items()
                                 if _public(v["meta"]) + _flag(v) == public}
                 out.append(cand)
-        return out
+        # A node that left versions out left only ones older than all it named (its floor).
+        floors = [min((v["version"], v["object_id"]) for v in answer["versions"])
+                  for answer in ok.values() if answer.get("more") and answer["versions"]]
+        if not floors:
+            return out, True
+        floor = max(floors)
+        newest = (out[0].version, out[0].object_id) if out else None
+        sure = newest is not None and newest >= floor
+        if want is not None and all((c.version, c.object_id) != tuple(want) for c in out):
+            sure = sure and tuple(want) >= floor
+        return out, sure
 
-    async def head(self, bucket: str, key: str) -> ObjectInfo:
-        """The newest readable version's public facts and its (reconstructed) user metadata."""
-        for cand in await self._candidates(bucket, key):
+    async def head(self, bucket: str, key: str, *, inline: bool = False) -> ObjectInfo:
+        """The newest readable version's public facts and its (reconstructed) user metadata.
+
+        ``inline``: for a :meth:`get` with ``info=`` that follows, bring a small object's shares along.
+        """
+        for cand in await self._candidates(bucket, key, inline=inline):
             any_v = next(iter(cand.holders.values()))
             if any_v["deleted"]:
                 break
@@ -813,7 +865,8 @@ class QStore:
             cand, secret = info.found
             first = next(iter(cand.holders.values()))
         else:
-            cands = await self._candidates(bucket, key, report)
+            cands = await self._candidates(bucket, key, report, inline=True,
+                                           want=None if version is None else (version[0], version[1]))
             if version is not None:
                 cands = [c for c in cands if (c.version, c.object_id) == tuple(version)]
             if not cands:
@@ -882,17 +935,21 @@ class QStore:
                            cipher: str, report: Report) -> Share:
         params = {"bucket": bucket, "key": key, "object_id": cand.object_id, "version": str(cand.version),
                   "index": str(index), "cipher": cipher}
-        async with asyncio.timeout(self.node_timeout_s):
-            envelope = await nd.call("GET", "/v1/chunk", params=params, raw=True)
-            refs = otp.parse_envelope_refs(envelope)
-            stream = await self._opening_keys(nd, refs)
-        try:
-            h, body = split_frame(otp.open_(envelope, stream))
-        finally:
-            stream.wipe()
-        use = report.link(nd.site)
-        use.bytes_received += len(envelope)
-        use.key_bytes += sum(r.length for r in refs)
+        frame = cand.inline.pop(nd.site, None) if index == 0 else None  # came with the version: once
+        if frame is not None:
+            h, body = split_frame(frame)
+        else:
+            async with asyncio.timeout(self.node_timeout_s):
+                envelope = await nd.call("GET", "/v1/chunk", params=params, raw=True)
+                refs = otp.parse_envelope_refs(envelope)
+                stream = await self._opening_keys(nd, refs)
+            try:
+                h, body = split_frame(otp.open_(envelope, stream))
+            finally:
+                stream.wipe()
+            use = report.link(nd.site)
+            use.bytes_received += len(envelope)
+            use.key_bytes += sum(r.length for r in refs)
         if not hmac.compare_digest(hashlib.sha256(body).digest(), h.digest):
             raise FrameError("share body does not match its digest")
         if (h.object_id.hex(), h.object_version, h.chunk_index, h.x, h.k) != (

@@ -350,10 +350,12 @@ class Catalog:
         row = self.db.execute(f"SELECT {_VCOLS} FROM versions WHERE upload_id = ?", (upload_id,)).fetchone()
         return _version(row) if row else None
 
-    def versions(self, bucket: str, key: str) -> list[Version]:
-        return [_version(r) for r in self.db.execute(
-            f"SELECT {_VCOLS} FROM versions WHERE bucket = ? AND key = ? "
-            "ORDER BY version DESC, object_id DESC", (bucket, key))]
+    def versions(self, bucket: str, key: str, limit: int | None = None) -> list[Version]:
+        sql = (f"SELECT {_VCOLS} FROM versions WHERE bucket = ? AND key = ? "
+               "ORDER BY version DESC, object_id DESC")
+        if limit is None:
+            return [_version(r) for r in self.db.execute(sql, (bucket, key))]
+        return [_version(r) for r in self.db.execute(sql + " LIMIT ?", (bucket, key, limit))]
 
     def latest_live(self, bucket: str, after: str, at_least: str) -> Iterator[Version]:
         """Newest version of each key > ``after`` and >= ``at_least``, tombstoned keys left out, by key."""

@@ -81,6 +81,7 @@ log = logging.getLogger(__name__)
 
 MAX_ENVELOPE = otp.MAX_LENGTH + (1 << 16)
 MAX_JSON = 1 << 20
+MAX_INLINE = 64 << 10  # largest share a versions answer carries along
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
@@ -204,15 +205,28 @@ def version_json(v: Version) -> dict[str, Any]:
     }
 
 
-async def _versions_answer(request: web.Request, caller: str, name: str,
-                           versions: list[Version]) -> web.Response:
+async def _versions_answer(request: web.Request, caller: str, name: str, versions: list[Version],
+                           inline: tuple[Version, list[Any]] | None = None, *,
+                           more: bool | None = None) -> web.Response:
     """``{name: [version, ...]}``; with ``?secret=1`` also ``secrets``: this node's shares of their
-    secret metadata (one hex string or null per version), sealed for the caller in one envelope."""
+    secret metadata (one hex string or null per version), sealed for the caller in one envelope.
+
+    ``inline``: a version and its frame of chunk 0, sealed after the shares in the same envelope
+    (``inline`` in the answer says which version and how many bytes).
+    """
     doc: dict[str, Any] = {name: [version_json(v) for v in versions]}
+    if more is not None:
+        doc["more"] = more  # older versions than these exist here
     shares = [v.meta.get("secret") for v in versions]
     headers: dict[str, str] = {}
-    if request.query.get("secret") == "1" and any(s is not None for s in shares):
-        envelope, headers = await _seal_reply(request, caller, "otp", [secret_meta.pack_shares(shares)])
+    if request.query.get("secret") == "1" and (inline is not None or any(s is not None for s in shares)):
+        parts: list[Any] = [secret_meta.pack_shares(shares)]
+        if inline is not None:
+            v, frame = inline
+            parts += frame
+            doc["inline"] = {"object_id": v.object_id.hex(), "version": v.version,
+                             "bytes": sum(len(p) for p in frame)}
+        envelope, headers = await _seal_reply(request, caller, "otp", parts)
         doc["secrets"] = base64.b64encode(envelope).decode()
     return web.json_response(doc, headers=headers)
 
@@ -521,9 +535,28 @@ async def _tombstone(request: web.Request) -> web.Response:
 
 
 async def _versions(request: web.Request) -> web.Response:
+    """A key's versions here; ``?secret=1&inline=N``: with the newest one's share when it is one chunk
+    of at most N bytes, so that a small object's get takes one trip (versions, shares and all)."""
     caller = _caller(request)
-    versions = request.app[STORE].versions(_q(request, "bucket"), _q(request, "key"))
-    return await _versions_answer(request, caller, "versions", versions)
+    store = request.app[STORE]
+    limit = request.query.get("limit")
+    most_versions = None if limit is None else _int(limit, "limit", 1, 10000)
+    versions = store.versions(_q(request, "bucket"), _q(request, "key"),
+                              None if most_versions is None else most_versions + 1)
+    more = most_versions is not None and len(versions) > most_versions
+    versions = versions[:most_versions]
+    inline = None
+    most = request.query.get("inline")
+    if most is not None and request.query.get("secret") == "1":
+        newest = versions[0] if versions else None
+        if (newest is not None and not newest.deleted and newest.chunks == 1
+                and newest.share_bytes <= _int(most, "inline", 0, MAX_INLINE)):
+            try:
+                header, body = await asyncio.to_thread(store.read_chunk, newest, 0)
+                inline = (newest, [header.to_bytes(), body])
+            except QStoreError:
+                pass  # a rotten or missing share: the client asks for it alone, and hears why
+    return await _versions_answer(request, caller, "versions", versions, inline, more=more)
 
 
 def _limit(request: web.Request) -> int:

@@ -684,13 +684,14 @@ class Store:
                 db.insert_version(tx, v, None)
             return db.version(object_id, version)  # type: ignore[return-value]
 
-    def versions(self, bucket: str, key: str) -> list[Version]:
-        """Committed versions of ``bucket/key`` (tombstones too), newest first by (version, object_id)."""
+    def versions(self, bucket: str, key: str, limit: int | None = None) -> list[Version]:
+        """Committed versions of ``bucket/key`` (tombstones too), newest first by (version, object_id);
+        the newest ``limit`` of them when given."""
         check_bucket(bucket)
         check_key(key)
         with self._lock:
             self._need_bucket(bucket)
-            return self._db.versions(bucket, key)
+            return self._db.versions(bucket, key, limit)
 
     def latest(self, bucket: str, key: str) -> Version | None:
         """The newest committed version, which may be a tombstone; None when there is none."""

@@ -12,6 +12,7 @@ Sans-IO: the node and the client seal and open what these functions pack.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from qstore.sharing import Share, combine, split
 
 PAD = 64  # the document is padded to a multiple of this, so its share's length says little
 MAX_SHARE_BYTES = 8192  # user metadata is at most 2 KiB (S3's limit); digest and JSON around it fit
+_HEX = re.compile(r"[0-9a-f]*")
 
 
 def share_doc(doc: Mapping[str, Any], n: int, k: int) -> list[bytes]:
@@ -65,6 +67,6 @@ def unpack_shares(data: bytes, count: int) -> list[str | None]:
         if item is None:
             continue
         if (not isinstance(item, str) or len(item) % 2 or len(item) > 2 * MAX_SHARE_BYTES
-                or not all(c in "0123456789abcdef" for c in item)):
+                or not _HEX.fullmatch(item)):
             raise ShareCorruption("a sealed metadata share is not hex")
     return items

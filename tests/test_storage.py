@@ -9,11 +9,12 @@ import hashlib
 import io
 import json
 import os
+import time
 
 import aiohttp
 import pytest
 
-from client.storage import QStore, QuorumError
+from client.storage import VERSIONS_FIRST, QStore, QuorumError
 from qkd_sim import pki
 from qkd_sim.sae import KeySupplyExhausted
 from qstore import otp, secret_meta
@@ -412,7 +413,15 @@ async def test_small_objects_take_one_request_per_node_before_commit(cluster):
             nd.call = spy
         await qs.put("small", "tiny", b"x" * 1000)
         assert sorted(set(calls)) == ["commit", "oneshot"] and len(calls) == 10
-        assert await qs.get_bytes("small", "tiny") == b"x" * 1000
+        calls.clear()
+        report = await qs.get("small", "tiny", io.BytesIO())
+        assert calls == ["versions"] * 5  # each share came with its node's answer: no second trip
+        assert report.verified and not report.bad
+        _flip_stored_byte(cluster, "site2", "small", "tiny")  # a rotten share is not sent along as good
+        sink = io.BytesIO()
+        report = await qs.get("small", "tiny", sink)
+        assert sink.getvalue() == b"x" * 1000
+        assert "site2" in report.bad or "site2" not in report.nodes
     ident = cluster.ids[CLIENT_SAE]
     ctx = pki.client_ssl_context(ident.cert, ident.key, ident.ca)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s:
@@ -624,3 +633,18 @@ async def test_a_restarted_node_gets_fresh_keys_and_replays_stay_refused(cluster
                 s.put(cluster.urls["site3"] + replay, data=envelope, headers=headers, params=params) as r):
         assert r.status == 403 and (await r.json())["error"] == "SealError"
     assert cluster.nodes["site3"].store.versions("restart", "replayed") == []
+
+
+async def test_gets_ask_for_the_newest_versions_first_and_all_only_when_older_ones_matter(cluster):
+    async with client(cluster) as qs:
+        await qs.create_bucket("many")
+        for i in range(8):  # a key written often: each get still names only the newest versions
+            await qs.put("many", "often", b"v%d" % i)
+        assert await qs.get_bytes("many", "often") == b"v7"
+        await qs.put("many", "hidden", b"readable")
+        # three nodes then hold more newer versions each than a first answer names, none readable
+        for site in ("site1", "site2", "site3"):
+            for j in range(VERSIONS_FIRST + 1):
+                cluster.nodes[site].store.tombstone("many", "hidden", os.urandom(16), time.time_ns() + j, {})
+        assert await qs.get_bytes("many", "hidden") == b"readable"
+        assert (await qs.head("many", "hidden")).size == len(b"readable")

@@ -657,7 +657,7 @@ class Gateway:
                          head: bool) -> web.StreamResponse:
         if "versionId" in request.rel_url.query and request.rel_url.query["versionId"] != "null":
             raise S3Error("NoSuchKey", "the specified version does not exist", resource=key)
-        info = await self.store.head(bucket, key)
+        info = await self.store.head(bucket, key, inline=not head)  # a small object's shares come along
         meta = dict(info.user_meta)
         etag, size = _etag(info), _size(info)
         headers = {"ETag": _etag_header(etag), "Last-Modified": sx.http_date(info.committed_at),
