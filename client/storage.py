@@ -496,7 +496,8 @@ class QStore:
                 return await nd.call("POST", path,
                                      body={"meta": public, "secret": base64.b64encode(envelope).decode()})
 
-            return await self._resealed(nd, [shares[nd.info.x - 1]], report, "otp", sealed[nd.site], attempt)
+            return await self._resealed(nd, [shares[nd.info.x - 1]], report, self.link_cipher,
+                                        sealed[nd.site], attempt)
 
         ok, failed = await self._each(live, commit)
         report.failed.update(failed)
@@ -529,8 +530,8 @@ class QStore:
                            upload_id: str) -> dict[str, bytes | bytearray]:
         """Each live node's share of the secret metadata, sealed for it, for its commit (else abort)."""
         try:
-            envelopes = await asyncio.gather(*(self._seal_small(nd, [shares[nd.info.x - 1]], report)
-                                               for nd in live))
+            envelopes = await asyncio.gather(*(self._seal_small(nd, [shares[nd.info.x - 1]], report,
+                                                                 self.link_cipher) for nd in live))
         except BaseException:
             await self._abort(upload_id)
             raise
@@ -647,8 +648,7 @@ class QStore:
         for nd in self._nodes:
             parts[nd.site].append(shares[nd.info.x - 1])
         secret_bytes = len(shares[0])
-        # the metadata share rides with the share (under the object's link cipher); alone, one-time pad
-        cipher = self.link_cipher if chunk is not None else "otp"
+        cipher = self.link_cipher  # the metadata share rides with the share, under the object's link cipher
         sealed = await asyncio.gather(*(self._seal_small(nd, parts[nd.site], report, cipher)
                                         for nd in self._nodes))
         envelopes = {nd.site: env for nd, env in zip(self._nodes, sealed, strict=True)}
