@@ -745,29 +745,46 @@ async def _send_to_peer(app: web.Application, peer: Peer, query_id: str, round_:
 
 async def _send_part(app: web.Application, peer: Peer, query_id: str, round_: int, i: int, parts: int,
                      piece: bytes) -> int:
-    """Seal one part with fresh key for ``peer`` and post it; the key bytes spent."""
-    # small messages: keys fetched before the round, off its critical path
-    stream, need = await app[PEER_KEYS].envelope(peer.sae_id, otp.key_cost("otp", len(piece)))
-    try:
-        envelope = otp.seal_parts(piece, stream)
-    finally:
-        stream.wipe()
+    """Seal one part with fresh key for ``peer`` and post it; the key bytes spent.
+
+    Small messages take keys fetched before the round, off its critical path,
+    and the keys fetched since the last message are announced so that the
+    peer fetches them in one request. A peer that restarted has lost what it
+    fetched on announcements and answers SealError: the message goes once
+    more under fresh key.
+    """
+    keys = app[PEER_KEYS]
     params = {"query": query_id, "round": str(round_), "part": str(i), "parts": str(parts)}
-    try:
-        async with app[PEER_SESSION].post(peer.url + "/v1/mpc/messages", params=params,
-                                          data=bytes(envelope)) as resp:
-            body = await resp.read()
-            if resp.status >= 300:
-                try:
-                    message = str(json.loads(body).get("message", ""))
-                except (ValueError, AttributeError):
-                    message = f"HTTP {resp.status}"
-                raise QueryFailed(f"node {peer.site} refused a message: {message}")
-    except (aiohttp.ClientError, OSError) as exc:
-        raise QueryFailed(f"node {peer.site} unreachable ({type(exc).__name__})") from None
-    _count_app(app, peer.sae_id, "key_out", need)
-    _count_app(app, peer.sae_id, "bytes_out", len(envelope))
-    return need
+    spent = 0
+    for attempt in (0, 1):
+        stream, need = await keys.envelope(peer.sae_id, otp.key_cost("otp", len(piece)))
+        try:
+            envelope = otp.seal_parts(piece, stream)
+        finally:
+            stream.wipe()
+        spent += need
+        news = keys.news(peer.sae_id)
+        headers = {ANNOUNCE_HEADER: ",".join(news)} if news else {}
+        try:
+            async with app[PEER_SESSION].post(peer.url + "/v1/mpc/messages", params=params,
+                                              data=bytes(envelope), headers=headers) as resp:
+                body = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, OSError) as exc:
+            raise QueryFailed(f"node {peer.site} unreachable ({type(exc).__name__})") from None
+        _count_app(app, peer.sae_id, "key_out", need)
+        _count_app(app, peer.sae_id, "bytes_out", len(envelope))
+        if status < 300:
+            return spent
+        try:
+            error = json.loads(body)
+            name, message = str(error.get("error", "")), str(error.get("message", ""))
+        except (ValueError, AttributeError):
+            name, message = "", f"HTTP {status}"
+        if name != "SealError" or attempt:
+            raise QueryFailed(f"node {peer.site} refused a message: {message}")
+        keys.reset(peer.sae_id)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _count_app(app: web.Application, peer: str, what: str, nbytes: int) -> None:
@@ -927,7 +944,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     app[SAE] = await sae.__aenter__()
     app[PEER_KEYS] = AheadKeys(app[SAE])
     # a small object's share (up to 16 KiB) in whole 1 KiB keys; larger ones fetch key cut to size
-    app[CLIENT_KEYS] = AheadKeys(app[SAE], unit=1024, depth=64, most=16)
+    # one pool per client process that names itself (at most 256 of them: 16 MiB of key held at most)
+    app[CLIENT_KEYS] = AheadKeys(app[SAE], unit=1024, depth=64, most=16, max_pools=256)
     app[OPENING] = OpeningKeys(app[SAE])
     tasks = [asyncio.create_task(_every(c.gc_interval_s, lambda: app[STORE].gc(
                  staging_ttl_s=c.staging_ttl_s, superseded_ttl_s=c.superseded_ttl_s), "gc")),

@@ -506,3 +506,26 @@ def test_an_empty_key_pool_waits_its_deadline_then_fails_naming_the_link(tmp_pat
         assert_nothing_staged(dry, sites)
     finally:
         cluster.down(root)
+
+
+def test_a_restarted_node_still_takes_part_in_queries(live):
+    """MPC round messages announce the keys they were sealed with, and the receiving node fetches them
+    ahead; a node that restarts has lost those, so the senders seal again under fresh key, once."""
+    ages = [20 + (7 * i) % 60 for i in range(40)]
+    csv = "age\n" + "".join(f"{a}\n" for a in ages)
+    schema = '[columns]\nage = { type = "integer", min = 0, max = 120 }\n'
+
+    async def put() -> None:
+        async with live.client() as qs:
+            await qs.tables().put("restart_ages", csv, schema)
+
+    async def mean() -> float:
+        async with live.client() as qs:
+            return float((await qs.table("restart_ages").mean("age")).value)
+
+    asyncio.run(put())
+    for _ in range(3):  # the pools fill, and their keys are announced and fetched ahead
+        assert asyncio.run(mean()) == pytest.approx(sum(ages) / len(ages))
+    live.kill("site2")
+    live.restart("site2")
+    assert asyncio.run(mean()) == pytest.approx(sum(ages) / len(ages))
