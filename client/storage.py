@@ -513,7 +513,7 @@ class QStore:
 
     async def _seal_small(self, nd: _Node, parts: list[Any], report: Report,
                           cipher: str = "otp") -> bytes | bytearray:
-        """``parts`` sealed as one frame for node ``nd``, with key from the pool when there is one."""
+        """``parts`` sealed as one frame for node ``nd``, with key from the pool when it is small enough."""
         cost = otp.key_cost(cipher, sum(len(p) for p in parts))
         if self._ahead is not None:
             stream, spent = await self._ahead.envelope(nd.info.id, cost)
@@ -1178,13 +1178,7 @@ class QStore:
                 body = interpolate(shares, (node.info.x,))[0]
                 frame = [encode_header(object_id=object_id, object_version=cand.version, chunk_index=index,
                                        x=node.info.x, k=self.k, n=self.n, body=body), body]
-                cipher = meta.get("link_cipher", "otp")
-                cost = otp.key_cost(cipher, HEADER_SIZE + len(body))
-                stream = await envelope_keys(self.sae, node.info.id, cost)
-                try:
-                    envelope = otp.seal_with(cipher, frame, stream)
-                finally:
-                    stream.wipe()
+                envelope = await self._seal_small(node, frame, report, meta.get("link_cipher", "otp"))
                 await node.call("PUT", f"/v1/uploads/{upload_id}/chunks", data=envelope)
                 if progress is not None:
                     progress(len(body))

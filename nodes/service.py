@@ -551,11 +551,10 @@ async def _versions(request: web.Request) -> web.Response:
         newest = versions[0] if versions else None
         if (newest is not None and not newest.deleted and newest.chunks == 1
                 and newest.share_bytes <= _int(most, "inline", 0, MAX_INLINE)):
-            try:
+            # a rotten or missing share is not sent along: the client asks for it alone, and hears why
+            with contextlib.suppress(QStoreError):
                 header, body = await asyncio.to_thread(store.read_chunk, newest, 0)
                 inline = (newest, [header.to_bytes(), body])
-            except QStoreError:
-                pass  # a rotten or missing share: the client asks for it alone, and hears why
     return await _versions_answer(request, caller, "versions", versions, inline, more=more)
 
 

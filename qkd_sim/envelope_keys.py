@@ -62,12 +62,15 @@ async def opening_keys(sae: SAEClient, master: str, refs: list[KeyRef]) -> KeySt
     envelope fails there (KMEError with kme_status 400) without any local
     record of spent key_IDs growing for ever.
     """
-    ids = list(dict.fromkeys(ref.key_id for ref in refs))
-    status = await sae.limits(master)
-    per = status.max_key_per_request
+    return KeyStream(await _dec_keys(sae, master, list(dict.fromkeys(ref.key_id for ref in refs))))
+
+
+async def _dec_keys(sae: SAEClient, master: str, ids: list[str]) -> list[QKDKey]:
+    """The keys ``ids`` from ``master``, in as few ``dec_keys`` requests as the KME's limit allows."""
+    per = (await sae.limits(master)).max_key_per_request
     batches = await asyncio.gather(*(sae.get_dec_keys(master, ids[i : i + per])
                                      for i in range(0, len(ids), per)))
-    return KeyStream(key for batch in batches for key in batch)
+    return [key for batch in batches for key in batch]
 
 
 class KeyPool:
@@ -109,7 +112,7 @@ class KeyPool:
         try:
             keys = await self._fetch(want, 8 * self.unit)
             self._keys.extend(keys)
-            self._news.extend(k.key_id for k in keys if hasattr(k, "key_id"))
+            self._news.extend(k.key_id for k in keys)
             del self._news[: -MAX_ANNOUNCED]
         except Exception:  # the next message fetches its own key and reports the error
             self._retry_at = asyncio.get_running_loop().time() + self.retry_s
@@ -164,7 +167,8 @@ class AheadKeys:
 
         return fetch
 
-    async def envelope(self, peer: str, nbytes: int, *, pool: Hashable = None) -> tuple[KeyStream, int]:
+    async def envelope(self, peer: str, nbytes: int, *,
+                       pool: Hashable | None = None) -> tuple[KeyStream, int]:
         """Key for one envelope of ``nbytes`` to ``peer``, and the key bytes it spends (whole keys when
         they come from the pool: the rest of the last one is wiped unused).
 
@@ -182,10 +186,6 @@ class AheadKeys:
         if ahead is not None:
             return KeyStream(ahead), len(ahead) * keys.unit
         return await envelope_keys(self.sae, peer, nbytes), nbytes
-
-    def pooled(self, nbytes: int) -> bool:
-        """Whether an envelope of ``nbytes`` may take key from a pool (else it fetches its own)."""
-        return -(-nbytes // self.unit) <= self.most
 
     def news(self, pool: Hashable) -> list[str]:
         """Key IDs the pool fetched since last asked: announce them to the receiver."""
@@ -273,15 +273,13 @@ class OpeningKeys:
 
     async def _fetch(self, master: str, ids: list[str], done: asyncio.Future[None]) -> None:
         try:
-            per = (await self.sae.limits(master)).max_key_per_request
-            for start in range(0, len(ids), per):
-                keys = await self.sae.get_dec_keys(master, ids[start : start + per])
+            # on failure, the envelopes that use these keys ask for them alone, and fail there if they must
+            with contextlib.suppress(QStoreError, OSError):
+                keys = await _dec_keys(self.sae, master, ids)
                 held = self._held.setdefault(master, {})
                 held.update((k.key_id, k) for k in keys)
                 while len(held) > self.most:
                     del held[next(iter(held))]
-        except (QStoreError, OSError):
-            pass  # the envelopes that use these keys ask for them alone, and fail there if they must
         finally:
             for i in ids:
                 self._pending.pop(i, None)
@@ -299,11 +297,7 @@ class OpeningKeys:
         missing = [i for i in ids if i not in got]
         if missing:
             self._mark_asked(master, missing)
-            status = await self.sae.limits(master)
-            per = status.max_key_per_request
-            batches = await asyncio.gather(*(self.sae.get_dec_keys(master, missing[i : i + per])
-                                             for i in range(0, len(missing), per)))
-            have += [key for batch in batches for key in batch]
+            have += await _dec_keys(self.sae, master, missing)
         return KeyStream(have)
 
     async def close(self) -> None:
