@@ -12,7 +12,6 @@ Sans-IO: the node and the client seal and open what these functions pack.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -21,7 +20,7 @@ from qstore.sharing import Share, combine, split
 
 PAD = 64  # the document is padded to a multiple of this, so its share's length says little
 MAX_SHARE_BYTES = 8192  # user metadata is at most 2 KiB (S3's limit); digest and JSON around it fit
-_HEX = re.compile(r"[0-9a-f]*")
+_NONE = 0xFFFF  # a listed version without a share (a tombstone)
 
 
 def share_doc(doc: Mapping[str, Any], n: int, k: int) -> list[bytes]:
@@ -51,22 +50,39 @@ def open_doc(shares: Sequence[Share], k: int) -> dict[str, Any]:
 
 
 def pack_shares(shares: Sequence[str | None]) -> bytes:
-    """The plaintext a node seals for a listing: one hex share (or null) per listed version."""
-    return json.dumps(list(shares), separators=(",", ":")).encode()
+    """The plaintext a node seals for a listing: per listed version, its share (stored as hex) or none.
+
+    Binary, so that the one-time pad it costs is the shares' size, not twice that: each entry is a
+    2-byte big-endian length (:data:`_NONE` for none) and that many bytes.
+    """
+    out = bytearray()
+    for share in shares:
+        if share is None:
+            out += _NONE.to_bytes(2, "big")
+            continue
+        raw = bytes.fromhex(share)
+        if len(raw) > MAX_SHARE_BYTES:
+            raise ValueError(f"a metadata share of {len(raw)} bytes is above {MAX_SHARE_BYTES}")
+        out += len(raw).to_bytes(2, "big") + raw
+    return bytes(out)
 
 
 def unpack_shares(data: bytes, count: int) -> list[str | None]:
-    """Inverse of :func:`pack_shares`, checked: ``count`` entries, each null or even-length hex."""
-    try:
-        items = json.loads(data)
-    except ValueError:
-        raise ShareCorruption("the sealed metadata shares are not JSON") from None
-    if not isinstance(items, list) or len(items) != count:
-        raise ShareCorruption("the sealed metadata shares do not match the listing")
-    for item in items:
-        if item is None:
+    """Inverse of :func:`pack_shares` (shares as hex again), checked: exactly ``count`` entries."""
+    items: list[str | None] = []
+    view, pos = memoryview(data), 0
+    while pos < len(view) and len(items) < count:
+        if pos + 2 > len(view):
+            raise ShareCorruption("the sealed metadata shares are truncated")
+        length = int.from_bytes(view[pos : pos + 2], "big")
+        pos += 2
+        if length == _NONE:
+            items.append(None)
             continue
-        if (not isinstance(item, str) or len(item) % 2 or len(item) > 2 * MAX_SHARE_BYTES
-                or not _HEX.fullmatch(item)):
-            raise ShareCorruption("a sealed metadata share is not hex")
+        if length > MAX_SHARE_BYTES or pos + length > len(view):
+            raise ShareCorruption("the sealed metadata shares are truncated or too long")
+        items.append(view[pos : pos + length].hex())
+        pos += length
+    if len(items) != count or pos != len(view):
+        raise ShareCorruption("the sealed metadata shares do not match the listing")
     return items

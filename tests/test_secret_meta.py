@@ -55,12 +55,19 @@ def test_packed_shares_round_trip(shares):
 
 
 @pytest.mark.parametrize(("data", "count"), [
-    (b"not json", 1), (b'{"a": 1}', 1), (b'["00"]', 2), (b'["0"]', 1), (b'["zz"]', 1), (b"[1]", 1),
-    (b'["AB"]', 1),
+    (b"", 1), (b"\x00", 1), (b"\x00\x02a", 1), (b"\x00\x01a", 2), (b"\x00\x01ab", 1),
+    (b"\xff\xff", 0), (b"\x40\x00" + bytes(0x4000), 1),
 ])
 def test_malformed_packed_shares_are_refused(data, count):
     with pytest.raises(ShareCorruption):
         secret_meta.unpack_shares(data, count)
+
+
+def test_packed_shares_cost_their_size():
+    shares = [bytes(range(128)).hex(), None, "00"]
+    packed = secret_meta.pack_shares(shares)
+    assert len(packed) == 2 + 128 + 2 + 2 + 1  # not the hex text's 256 + 2 bytes
+    assert secret_meta.unpack_shares(packed, 3) == shares
 
 
 def test_pending_shares_are_bounded_in_number_and_age():
