@@ -818,8 +818,8 @@ class QStore:
         floor = max(floors)
         newest = (out[0].version, out[0].object_id) if out else None
         sure = newest is not None and newest >= floor
-        if want is not None and all((c.version, c.object_id) != tuple(want) for c in out):
-            sure = sure and tuple(want) >= floor
+        if want is not None and all((c.version, c.object_id) != want for c in out):
+            sure = sure and want >= floor
         return out, sure
 
     async def head(self, bucket: str, key: str, *, inline: bool = False) -> ObjectInfo:
@@ -865,8 +865,8 @@ class QStore:
             cand, secret = info.found
             first = next(iter(cand.holders.values()))
         else:
-            cands = await self._candidates(bucket, key, report, inline=True,
-                                           want=None if version is None else (version[0], version[1]))
+            want = None if version is None else (int(version[0]), str(version[1]))
+            cands = await self._candidates(bucket, key, report, inline=True, want=want)
             if version is not None:
                 cands = [c for c in cands if (c.version, c.object_id) == tuple(version)]
             if not cands:

@@ -754,8 +754,8 @@ async def _send_part(app: web.Application, peer: Peer, query_id: str, round_: in
     """
     keys = app[PEER_KEYS]
     params = {"query": query_id, "round": str(round_), "part": str(i), "parts": str(parts)}
-    spent = 0
-    for attempt in (0, 1):
+    spent, retried = 0, False
+    while True:
         stream, need = await keys.envelope(peer.sae_id, otp.key_cost("otp", len(piece)))
         try:
             envelope = otp.seal_parts(piece, stream)
@@ -780,10 +780,10 @@ async def _send_part(app: web.Application, peer: Peer, query_id: str, round_: in
             name, message = str(error.get("error", "")), str(error.get("message", ""))
         except (ValueError, AttributeError):
             name, message = "", f"HTTP {status}"
-        if name != "SealError" or attempt:
+        if name != "SealError" or retried:
             raise QueryFailed(f"node {peer.site} refused a message: {message}")
         keys.reset(peer.sae_id)
-    raise AssertionError("unreachable")  # pragma: no cover
+        retried = True
 
 
 def _count_app(app: web.Application, peer: str, what: str, nbytes: int) -> None:
