@@ -4,9 +4,9 @@ Setup: a development CA and certificates from :mod:`qkd_sim.pki` in a temporary 
 real KME servers on 127.0.0.1 (KME_A with SAE a1, KME_B with SAE b1, one link between them of
 unlimited rate, so no request ever waits for key), each in its own child process by default
 (``--kmes inline``: both in this process's event loop instead, as in the tests). The SAEs are
-:class:`qkd_sim.sae.SAEClient` instances of this process (one aiohttp session each, TLS 1.3
-with client certificates), so every figure includes strict parsing of the answers and the
-base64 decoding of every key on the client side.
+:class:`qkd_sim.sae.SAEClient` instances of this process (keep-alive TLS 1.3 connections with
+client certificates, :class:`qkd_sim.https_pool.HTTPSPool`), so every figure includes strict
+parsing of the answers and the base64 decoding of every key on the client side.
 
 What it measures:
 
@@ -21,15 +21,16 @@ What it measures:
   256-bit key, sequential and with 16 concurrent requests (one session, so up to 16
   keep-alive TLS connections);
 * ``transport_bound``: the same traffic as the sequential 1 MiB figure (a 16-key ``enc_keys``
-  at KME_A, then one at KME_B), read by plain aiohttp sessions and thrown away: no parsing,
-  no base64 decoding, no SAE. What the KMEs, TLS and the event loops cost without the SAE's
-  work, so the bound of the figure above;
+  at KME_A, then one at KME_B), received by the SAEs' connection pools and thrown away: no
+  Key container parsing, no base64 decoding. What the KMEs, TLS and the event loops cost
+  without the SAE's own work, so the bound of the figure above;
 * ``target``: the sequential enc+dec MB/s of 1 MiB keys against the 300 MB/s goal.
 
 How it runs: each KME in its own process (as deployed), the SAEs in this one. The KMEs
-stream each Key container in 256 KiB pieces and the SAEs decode each piece as it arrives
-(:class:`qkd_sim.etsi014.KeyContainerReader`), base64 by :mod:`qstore.b64` (the backend is
-in the environment line); both kinds of process keep 64 MiB of freed heap
+stream each Key container in 1 MiB pieces; the SAEs decrypt TLS straight into a 1 MiB buffer
+per connection and decode the base64 from there as it arrives
+(:class:`qkd_sim.etsi014.KeyContainerReader`), by :mod:`qstore.b64` (the backend is in the
+environment line); both kinds of process keep 64 MiB of freed heap
 (:func:`qstore._memory.keep_freed_heap`).
 
 MB/s is key bytes / seconds with 1 MB = 10^6 bytes. Every measurement runs once untimed
@@ -64,6 +65,7 @@ import aiohttp
 from _common import cpu_model, emit, log, mbps, parse_size, pkg_version
 
 from qkd_sim import kme, pki
+from qkd_sim.https_pool import HTTPSPool
 from qkd_sim.pool import LinkConfig
 from qkd_sim.sae import SAEClient, SAEConfig
 from qstore import b64
@@ -226,7 +228,7 @@ def environment(mode: str, total: int, small_total: int, tls: dict[str, Any]) ->
         "openssl": ssl.OPENSSL_VERSION,
         **tls,
         "kmes": mode,
-        "client": "qkd_sim.sae.SAEClient, one aiohttp session per SAE, in the benchmark process",
+        "client": "qkd_sim.sae.SAEClient (qkd_sim.https_pool) in the benchmark process",
         "base64": b64.default_backend(),
         "heap_kept_bytes": HEAP_KEPT_BYTES if keep_freed_heap() else 0,
         "cpu_model": cpu_model(),
@@ -275,23 +277,24 @@ async def bench_delivery(a1: SAEClient, b1: SAEClient, key_bytes: int, per_reque
 
 async def bench_transport(ids: dict[str, pki.Identity], urls: dict[str, str], per_request: int,
                           total: int) -> dict[str, Any]:
-    """A 1 MiB-key enc_keys at KME_A then one at KME_B, bodies read by aiohttp and discarded."""
+    """A 1 MiB-key enc_keys at KME_A then one at KME_B, bodies received and discarded."""
     key_bytes = MiB
     requests = max(1, -(-total // (key_bytes * per_request)))
     body = json.dumps({"number": per_request, "size": 8 * key_bytes}).encode()
-    sessions = {}
-    for sae in ("a1", "b1"):
+    pools = {}
+    for sae, kme_id in (("a1", "KME_A"), ("b1", "KME_B")):
         ident = ids[sae]
-        ctx = pki.client_ssl_context(ident.cert, ident.key, ident.ca)
-        sessions[sae] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx), read_bufsize=1 << 22)
+        pools[sae] = HTTPSPool(urls[kme_id], pki.client_ssl_context(ident.cert, ident.key, ident.ca))
+
+    def discard(buf: bytearray, start: int, end: int) -> None:
+        return None
 
     async def fetch(sae: str, kme_id: str, peer: str) -> None:
-        async with sessions[sae].post(f"{urls[kme_id]}/api/v1/keys/{peer}/enc_keys", data=body,
-                                      headers={"Content-Type": "application/json"}) as resp:
-            if resp.status != 200:
-                raise SystemExit(f"enc_keys at {kme_id} answered {resp.status}")
-            async for _ in resp.content.iter_any():
-                pass
+        answer = await pools[sae].request("POST", f"/api/v1/keys/{peer}/enc_keys", body=body,
+                                          headers=[("Content-Type", "application/json")],
+                                          limit=per_request * 2 * key_bytes, sink=discard)
+        if answer.status != 200:
+            raise SystemExit(f"enc_keys at {kme_id} answered {answer.status}")
 
     async def run() -> None:
         for _ in range(requests):
@@ -302,12 +305,12 @@ async def bench_transport(ids: dict[str, pki.Identity], urls: dict[str, str], pe
     try:
         seconds = await best_of(run)
     finally:
-        for session in sessions.values():
-            await session.close()
+        for pool in pools.values():
+            await pool.close()
     nbytes = requests * per_request * key_bytes
     return {
         "figure": "transport_bound",
-        "what": "enc_keys at KME_A + enc_keys at KME_B, bodies read and discarded (no SAE work)",
+        "what": "enc_keys at KME_A + enc_keys at KME_B, bodies received and discarded (no parsing)",
         "key_bytes": key_bytes,
         "keys_per_request": per_request,
         "request_pairs": requests,

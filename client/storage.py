@@ -324,7 +324,7 @@ class QStore:
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=0),
                                               timeout=timeout,
                                               trace_configs=[observability.propagate_request_ids()])
-        self._sae = await SAEClient(self._sae_config, session=self._session).__aenter__()
+        self._sae = await SAEClient(self._sae_config).__aenter__()
         epoch = None
         if self._key_ahead:
             # a share of up to 16 KiB in whole 1 KiB keys; larger ones fetch key cut to size

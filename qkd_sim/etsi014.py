@@ -685,38 +685,42 @@ class KeyContainerReader:
     def __repr__(self) -> str:
         return f"KeyContainerReader(<{len(self._keys)} keys, {self._received} bytes>)"
 
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """The next bytes of the body."""
-        self._received += len(data)
+    def feed(self, data: bytes | bytearray | memoryview, start: int = 0, end: int | None = None) -> None:
+        """The next bytes of the body: ``data[start:end]`` (read in place from bytes or a bytearray)."""
+        end = len(data) if end is None else end
+        if isinstance(data, memoryview):
+            data, start, end = bytes(data[start:end]), 0, end - start
+        self._received += end - start
         if self._received > self._limit:
             self._body = self._whole = None
             self._release()
             return
         if self._body is not None:
-            self._body.append(bytes(data))
+            self._body.append(bytes(memoryview(data)[start:end]))
             return
         if self._whole is not None:
-            self._whole.append(bytes(data))
+            self._whole.append(bytes(memoryview(data)[start:end]))
             if self._received <= self._whole_below:
                 return
             data, self._whole = b"".join(self._whole), None  # long: parse it as it comes from here on
-        chunk = data if isinstance(data, bytes) else bytes(data)
-        pos, n = 0, len(chunk)
-        while pos < n:
+            start, end = 0, len(data)
+        chunk: bytes | bytearray = data
+        pos = start
+        while pos < end:
             if self._ended:
-                self._leave(chunk, pos)
+                self._leave(chunk, pos, end)
                 return
             if not self._in_key:
-                pos = self._read_gap(chunk, pos)
+                pos = self._read_gap(chunk, pos, end)
                 if pos < 0:
                     return
                 continue
-            quote = chunk.find(b'"', pos)
-            end = n if quote < 0 else quote
-            if not self._read_text(chunk, pos, end, final=quote >= 0):
-                self._leave(chunk, pos)
+            quote = chunk.find(b'"', pos, end)
+            stop = end if quote < 0 else quote
+            if not self._read_text(chunk, pos, stop, final=quote >= 0):
+                self._leave(chunk, pos, end)
                 return
-            pos = end
+            pos = stop
             if quote >= 0:
                 self._in_key = False
 
@@ -728,7 +732,7 @@ class KeyContainerReader:
             body, self._whole = b"".join(self._whole), None
             return KeyContainer.from_json(body, limit=self._limit)
         if self._body is None and not self._ended:
-            self._leave(b"", 0)  # cut short: the strict parser says how
+            self._leave(b"", 0, 0)  # cut short: the strict parser says how
         if self._body is not None:
             body, self._body = b"".join(self._body), None
             return KeyContainer.from_json(body, limit=self._limit)
@@ -736,28 +740,28 @@ class KeyContainerReader:
 
     # -- the form -----------------------------------------------------------------
 
-    def _read_gap(self, chunk: bytes, pos: int) -> int:
+    def _read_gap(self, chunk: bytes | bytearray, pos: int, end: int) -> int:
         """Take the fixed text before the next key (or the end); the next position, -1 when left."""
         first = not self._keys
         short, full = (_NO_KEYS, _FIRST_GAP_LENGTH) if first else (_LAST, _NEXT_GAP_LENGTH)
         gap = self._gap
         if len(gap) < len(short):
             take = len(short) - len(gap)
-            gap += chunk[pos : pos + take]
-            pos = min(len(chunk), pos + take)
+            gap += chunk[pos : min(end, pos + take)]
+            pos = min(end, pos + take)
             if len(gap) < len(short):
                 return pos
             if gap == short:
                 self._ended = True
                 return pos
         take = full - len(gap)
-        gap += chunk[pos : pos + take]
-        pos = min(len(chunk), pos + take)
+        gap += chunk[pos : min(end, pos + take)]
+        pos = min(end, pos + take)
         if len(gap) < full:
             return pos
         match = (_FIRST_GAP if first else _NEXT_GAP).fullmatch(gap)
         if match is None:
-            self._leave(chunk, pos)
+            self._leave(chunk, pos, end)
             return -1
         self._gaps.append(bytes(gap))
         self._key_id = match.group(1).decode("ascii")
@@ -792,7 +796,7 @@ class KeyContainerReader:
                 b64.decode_into(text, room)
             self._filled += n
 
-    def _read_text(self, chunk: bytes, pos: int, end: int, *, final: bool) -> bool:
+    def _read_text(self, chunk: bytes | bytearray, pos: int, end: int, *, final: bool) -> bool:
         """Decode the key's base64 in ``chunk[pos:end]`` (the rest of it when ``final``); False: left."""
         filled, carry = self._filled, self._carry
         if final and not filled and not carry and 4 <= end - pos <= 2 * _SMALL_KEY:  # a whole small key here
@@ -800,7 +804,7 @@ class KeyContainerReader:
                 key = b64.decode(memoryview(chunk)[pos:end])
             except b64.Base64Error:
                 return False
-            self._keys.append((self._key_id, key, chunk[end - 4 : end]))
+            self._keys.append((self._key_id, key, bytes(chunk[end - 4 : end])))
             if self._size_hint is None:
                 self._size_hint = len(key)
             return True
@@ -813,7 +817,7 @@ class KeyContainerReader:
             self._keys.append((self._key_id, self._finish_key(), last))
         return True
 
-    def _decode_text(self, chunk: bytes, pos: int, end: int, *, final: bool) -> bytes:
+    def _decode_text(self, chunk: bytes | bytearray, pos: int, end: int, *, final: bool) -> bytes:
         """Decode what can be decoded now; when ``final``, the key's last 4 characters."""
         with memoryview(chunk) as whole:
             text = whole[pos:end]
@@ -862,9 +866,9 @@ class KeyContainerReader:
 
     # -- leaving the form ---------------------------------------------------------
 
-    def _leave(self, chunk: bytes, pos: int) -> None:
-        """From ``chunk[pos:]`` on the body is not in the form: keep it whole for the strict parser."""
-        self._body = [self._text_so_far(), bytes(chunk[pos:])]
+    def _leave(self, chunk: bytes | bytearray, pos: int, end: int) -> None:
+        """From ``chunk[pos:end]`` on the body is not in the form: keep it whole for the strict parser."""
+        self._body = [self._text_so_far(), bytes(chunk[pos:end])]
         self._keys, self._gaps, self._parts = [], [], []
         self._release()
 

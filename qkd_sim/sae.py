@@ -7,6 +7,10 @@ or a key is not at this end yet) it backs off exponentially up to
 ``SAEConfig.wait_s`` and then raises :class:`KeySupplyExhausted`, which names
 the SAE pair and the KMEs of the link that ran dry.
 
+Requests go over :class:`qkd_sim.https_pool.HTTPSPool`, which decrypts the
+KME's answers straight into a reused buffer that the Key container reader
+decodes from (an SAE's cost is in the megabytes of base64 it receives).
+
 Per peer it keeps a key buffer so that HTTP round trips do not bound
 throughput: :meth:`SAEClient.sender` tops up a :class:`~qstore.otp.KeyStream`
 for a slave SAE with batched ``enc_keys`` requests, and
@@ -34,9 +38,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-import aiohttp
-
-from qkd_sim import observability, pki
+from qkd_sim import pki
 from qkd_sim.etsi014 import Error as ErrorBody
 from qkd_sim.etsi014 import (
     EtsiError,
@@ -48,6 +50,8 @@ from qkd_sim.etsi014 import (
     dumps,
     is_id,
 )
+from qkd_sim.https_pool import BodyTooLarge, HTTPSPool, Sink, TransportError
+from qstore import telemetry
 from qstore._memory import keep_freed_heap
 from qstore.errors import LocalError, RemoteError
 from qstore.otp import KeyRef, KeyStream, QKDKey
@@ -58,7 +62,6 @@ T = TypeVar("T")
 
 _API = "/api/v1/keys"
 _SMALL_BODY = 1 << 20
-_READ_BUFFER = 1 << 22  # body bytes aiohttp buffers before it stops reading the socket (default 64 KiB)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,40 +143,17 @@ class _Unavailable(Exception):
         super().__init__(message)
 
 
-async def _read_bounded(resp: aiohttp.ClientResponse, limit: int,
-                        sink: Callable[[bytes], None] | None = None) -> bytes:
-    """The body (at most ``limit`` bytes), or b"" after feeding it to ``sink`` as it arrives."""
-    if resp.content_length is not None and resp.content_length > limit:
-        raise KMEError(f"KME answer of {resp.content_length} bytes exceeds {limit}", kme_status=resp.status)
-    chunks, total = [], 0
-    async for chunk in resp.content.iter_any():  # as received: no re-slicing
-        total += len(chunk)
-        if total > limit:
-            raise KMEError(f"KME answer exceeds {limit} bytes", kme_status=resp.status)
-        if sink is None:
-            chunks.append(chunk)
-        else:
-            sink(chunk)
-    return b"".join(chunks)
-
-
 def _container_limit(number: int, size_bits: int) -> int:
     """Bound on a Key container body for ``number`` keys of ``size_bits``."""
     return number * (4 * math.ceil(size_bits / 24) + 256) + 4096
 
 
 class SAEClient:
-    """An SAE's connection to its KME (use as ``async with``; one aiohttp session).
+    """An SAE's connection to its KME (use as ``async with``): keep-alive mutual-TLS connections."""
 
-    Pass ``session`` to share one; its connector must then present this SAE's
-    client certificate (:func:`qkd_sim.pki.client_ssl_context`), and it is not
-    closed here.
-    """
-
-    def __init__(self, config: SAEConfig, *, session: aiohttp.ClientSession | None = None):
+    def __init__(self, config: SAEConfig):
         self.config = config
-        self._session = session
-        self._own_session = session is None
+        self._pool: HTTPSPool | None = None
         self._status: dict[str, Status] = {}
         self._senders: dict[str, SendBuffer] = {}
         self._receivers: dict[str, ReceiveBuffer] = {}
@@ -183,11 +163,9 @@ class SAEClient:
 
     async def __aenter__(self) -> SAEClient:
         keep_freed_heap()
-        if self._session is None:
+        if self._pool is None:
             ctx = pki.client_ssl_context(self.config.cert, self.config.key, self.config.ca)
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx),
-                                                  read_bufsize=_READ_BUFFER,
-                                                  trace_configs=[observability.propagate_request_ids()])
+            self._pool = HTTPSPool(self.config.kme_url, ctx)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -195,12 +173,12 @@ class SAEClient:
         await self.close()
 
     async def close(self) -> None:
-        """Wipe every buffered key and close the session (if this client opened it)."""
+        """Wipe every buffered key and close the connections."""
         for buf in [*self._senders.values(), *self._receivers.values()]:
             buf.stream.wipe()
-        if self._own_session and self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     @property
     def kme_name(self) -> str:
@@ -209,26 +187,27 @@ class SAEClient:
 
     # -- HTTP -------------------------------------------------------------------
 
-    async def _call(self, method: str, path: str, *, limit: int, params: Mapping[str, str] | None = None,
-                    body: object = None, sink: Callable[[bytes], None] | None = None) -> bytes:
+    async def _call(self, method: str, path: str, *, limit: int, body: object = None,
+                    sink: Sink | None = None) -> bytes:
         """The body of a 200 answer (fed to ``sink`` instead, if given); the ETSI errors raised."""
-        if self._session is None:
+        if self._pool is None:
             raise LocalError("use the SAEClient inside 'async with'")
-        headers = {"Accept": "application/json"}
-        data = None
+        headers = [("Accept", "application/json")]
+        data = b""
         if body is not None:
-            data, headers["Content-Type"] = dumps(body), "application/json"
+            data = dumps(body)
+            headers.append(("Content-Type", "application/json"))
+        rid = telemetry.request_id.get()
+        if rid is not None:  # one ID follows a request through the gateway, the nodes and the KMEs
+            headers.append((telemetry.REQUEST_ID_HEADER, rid))
         try:
-            async with self._session.request(method, self.config.kme_url + path, params=params, data=data,
-                                             headers=headers) as resp:
-                status = resp.status
-                if status == 200:
-                    payload = await _read_bounded(resp, limit, sink)
-                else:
-                    payload = await _read_bounded(resp, _SMALL_BODY)
-        except aiohttp.ClientError as exc:
-            raise KMEError(f"cannot reach KME at {self.config.kme_url}: {type(exc).__name__}",
-                           kme_status=None) from exc
+            answer = await self._pool.request(method, path, headers=headers, body=data, limit=limit,
+                                              sink=sink, other_limit=_SMALL_BODY)
+        except BodyTooLarge as exc:
+            raise KMEError(f"KME {self.kme_name}: {exc}", kme_status=exc.status) from None
+        except TransportError as exc:
+            raise KMEError(f"cannot reach KME at {self.config.kme_url}: {exc}", kme_status=None) from None
+        status, payload = answer.status, answer.body
         if status == 200:
             return payload
         if status == 401:
