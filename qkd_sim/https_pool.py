@@ -255,6 +255,12 @@ class HTTPSPool:
     def __repr__(self) -> str:
         return f"HTTPSPool(https://{self._host_header}, {len(self._idle)} idle)"
 
+    async def __aenter__(self) -> HTTPSPool:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def request(self, method: str, target: str, *, headers: Iterable[tuple[str, str]] = (),
                       body: bytes = b"", limit: int, sink: Sink | None = None,
                       other_limit: int = 1 << 20) -> Answer:

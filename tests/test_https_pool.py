@@ -1,6 +1,7 @@
 """qkd_sim.https_pool against real TLS servers on 127.0.0.1: aiohttp's, and a raw one that misbehaves."""
 
 import asyncio
+import socket
 import ssl
 
 import pytest
@@ -68,8 +69,7 @@ async def server(ids):
 
 async def test_requests_reuse_one_connection_and_bodies_arrive_whole(server, ids):
     url, peers = server
-    pool = HTTPSPool(url, client_ctx(ids))
-    try:
+    async with HTTPSPool(url, client_ctx(ids)) as pool:
         a = await pool.request("POST", "/a?x=1", body=b"hello", limit=1 << 20,
                                headers=[("X-Request-ID", "rid-1")])
         assert (a.status, a.body, a.headers["x-got-id"]) == (200, b"POST /a?x=1 hello", "rid-1")
@@ -83,37 +83,28 @@ async def test_requests_reuse_one_connection_and_bodies_arrive_whole(server, ids
         # not a 200: the body comes back instead of going to the sink
         other = await pool.request("GET", "/d?status=404", limit=10, sink=lambda *a: pytest.fail("sink"))
         assert (other.status, other.body) == (404, b"GET /d?status=404 ")
-    finally:
-        await pool.close()
 
 
 async def test_concurrent_requests_open_more_connections_up_to_the_limit(server, ids):
     url, peers = server
-    pool = HTTPSPool(url, client_ctx(ids), max_connections=3)
-    try:
+    async with HTTPSPool(url, client_ctx(ids), max_connections=3) as pool:
         answers = await asyncio.gather(*(pool.request("GET", f"/{i}?big=1", limit=1 << 22) for i in range(6)))
         assert all(a.body == BIG for a in answers)
         assert len(set(peers)) == 3 and len(pool._idle) == 3
-    finally:
-        await pool.close()
 
 
 async def test_a_connection_the_server_closed_while_idle_is_replaced(server, ids):
     url, peers = server
-    pool = HTTPSPool(url, client_ctx(ids))
-    try:
+    async with HTTPSPool(url, client_ctx(ids)) as pool:
         await pool.request("GET", "/1", limit=100)
         await asyncio.sleep(0.6)  # past the server's keep-alive of 0.3 s
         assert (await pool.request("GET", "/2", limit=100)).body == b"GET /2 "
         assert len(set(peers)) == 2
-    finally:
-        await pool.close()
 
 
 async def test_limits_timeouts_and_cancellation(server, ids):
     url, _ = server
-    pool = HTTPSPool(url, client_ctx(ids), read_timeout_s=0.3)
-    try:
+    async with HTTPSPool(url, client_ctx(ids), read_timeout_s=0.3) as pool:
         with pytest.raises(BodyTooLarge) as info:
             await pool.request("GET", "/big?big=1", limit=1000)
         assert info.value.status == 200
@@ -126,16 +117,12 @@ async def test_limits_timeouts_and_cancellation(server, ids):
             await task
         assert pool._idle == []  # each of those connections was mid-answer: closed, not reused
         assert (await pool.request("GET", "/ok", limit=100)).status == 200
-    finally:
-        await pool.close()
     with pytest.raises(TransportError, match="closed"):
         await pool.request("GET", "/after", limit=100)
 
 
 async def test_unreachable_and_untrusted_servers(server, ids, tmp_path):
     url, _ = server
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
@@ -182,14 +169,11 @@ async def test_a_request_the_server_drops_on_a_reused_connection_is_sent_again(i
         return None if n == 2 else b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
     srv, url = await raw_server(ids, handle)
-    pool = HTTPSPool(url, client_ctx(ids))
-    try:
+    async with HTTPSPool(url, client_ctx(ids)) as pool:
         assert (await pool.request("GET", "/1", limit=10)).body == b"ok"
         assert (await pool.request("GET", "/2", limit=10)).body == b"ok"  # dropped, then sent on a new one
         assert seen == [1, 2, 1]
-    finally:
-        await pool.close()
-        srv.close()
+    srv.close()
 
 
 @pytest.mark.parametrize("answer, error", [
@@ -200,11 +184,8 @@ async def test_a_request_the_server_drops_on_a_reused_connection_is_sent_again(i
 ])
 async def test_broken_answers_are_transport_errors(ids, answer, error):
     srv, url = await raw_server(ids, lambda n, data: answer, close_after=True)
-    pool = HTTPSPool(url, client_ctx(ids))
-    try:
+    async with HTTPSPool(url, client_ctx(ids)) as pool:
         with pytest.raises(TransportError, match=error):
             await pool.request("GET", "/", limit=100)
         assert pool._idle == []
-    finally:
-        await pool.close()
-        srv.close()
+    srv.close()
