@@ -92,6 +92,9 @@ class _Connection:
                     except OSError as exc:
                         raw.close()
                         raw, error = None, exc
+                    except BaseException:  # timed out or cancelled: the socket is not left open
+                        raw.close()
+                        raise
                 if raw is None:
                     raise error or OSError(f"no address for {host}")
                 if raw.family in (socket.AF_INET, socket.AF_INET6):
