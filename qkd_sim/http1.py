@@ -211,7 +211,8 @@ class ResponseParser:
                 raise HTTPParseError("no CRLF after a chunk")
             self._mode = "chunk-size"
         else:
-            if b"\n" in text.replace(b"\r\n", b"") or b"\r" in text.replace(b"\r\n", b""):
+            lone = text.replace(b"\r\n", b"")
+            if b"\n" in lone or b"\r" in lone:
                 raise HTTPParseError("a bare CR or LF in the trailers")
             self._finish()
         return next_pos
