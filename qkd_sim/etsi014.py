@@ -53,7 +53,8 @@ JSON_PIECE = 1 << 20
 Each piece passes through aiohttp's writer and asyncio's TLS layer with a fixed
 cost per write; at 1 MiB a KME spends about a fifth less CPU per key byte than
 at 256 KiB (``bench/kme.py``, ``transport_bound``), and still holds only one
-piece of a 22 MB answer at a time."""
+piece of a 22 MB answer at a time. The first and the last pieces are shorter
+(:meth:`KeyContainer.json_pieces`)."""
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _DECIMAL = re.compile(r"[0-9]{1,10}")
@@ -515,14 +516,23 @@ class KeyContainer:
         KME sends the pieces as they are made, so no whole body (22 MB for
         16 keys of 1 MiB) is ever built, and the SAE decodes the first piece
         while the KME encodes the next.
+
+        The first piece, and those in the last ``2 * piece`` bytes of the
+        body, are a quarter as long: the SAE cannot start before the first
+        piece is written, and still has the last one to decode when the KME
+        is done, so small pieces there shorten the whole answer.
         """
         codec = b64.codec()
         plan: list[bytes | memoryview] = []  # literal bytes, and key bytes to encode
         size = 0
+        total, written = self.json_length(), 0
+        target = _piece_target(written, total, piece)
         for seg in self._segments():
-            if size >= piece:
+            if size >= target:
                 yield _write_piece(plan, size, codec)
+                written += size
                 plan, size = [], 0
+                target = _piece_target(written, total, piece)
             if isinstance(seg, bytes):
                 plan.append(seg)
                 size += len(seg)
@@ -536,10 +546,12 @@ class KeyContainer:
             at = 0
             while at < len(raw):
                 # whole groups of 3 bytes, so that the pieces' base64 joins up; at least one per piece
-                room = max((piece - size) // 4 * 3, 0 if size else 3)
+                room = max((target - size) // 4 * 3, 0 if size else 3)
                 if room == 0:
                     yield _write_piece(plan, size, codec)
+                    written += size
                     plan, size = [], 0
+                    target = _piece_target(written, total, piece)
                     continue
                 part = raw[at : at + room]
                 plan.append(part)
@@ -569,6 +581,13 @@ _KEYS_OPEN = b'{"keys":['
 _UUID_LENGTH = 36
 _SMALL_KEY = 1 << 13  # keys up to this many bytes are base64-encoded whole, and read from whole bodies
 _SMALL_BODY = 1 << 18  # Key containers up to this long are parsed whole (KeyContainerReader)
+
+
+def _piece_target(written: int, total: int, piece: int) -> int:
+    """How long the next piece of :meth:`KeyContainer.json_pieces` should be."""
+    if written == 0 or total - written <= 2 * piece:
+        return max(piece // 4, 1)
+    return piece
 
 
 def _write_piece(plan: list[bytes | memoryview], size: int, codec: b64.Codec) -> bytes:

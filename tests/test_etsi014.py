@@ -294,6 +294,21 @@ def test_json_pieces_join_to_the_standard_json(sizes, seed, piece, extensions):
     assert all(len(p) <= piece + max(11_100, whole + 100) for p in pieces)
 
 
+def test_json_pieces_are_short_at_both_ends():
+    """A quarter piece first, whole pieces in the middle, quarters again in the last two pieces' worth."""
+    c = container_of([1 << 20] * 16, random.Random(5))
+    piece = 1 << 20
+    sizes = [len(p) for p in c.json_pieces(piece)]
+    total = sum(sizes)
+    assert total == c.json_length()
+    assert sizes[0] <= piece // 4 + 100
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    middle = [n for n, at in zip(sizes, starts, strict=True) if at and total - at > 2 * piece]
+    tail = [n for n, at in zip(sizes, starts, strict=True) if total - at <= 2 * piece]
+    assert middle and all(piece - 4 <= n <= piece + 100 for n in middle)
+    assert len(tail) >= 4 and all(n <= piece // 4 + 100 for n in tail)
+
+
 def read_in_chunks(body, cuts, *, in_place=False, **kw):
     """``body`` fed in pieces; ``in_place``: each from inside a reused buffer, as the SAE's pool does."""
     reader = KeyContainerReader(limit=kw.pop("limit", 1 << 30), whole_below=0, **kw)
