@@ -28,9 +28,8 @@ What it measures:
 
 How it runs: each KME in its own process (as deployed), the SAEs in this one. The KMEs
 stream each Key container in 1 MiB pieces (256 KiB at its start and in its last 2 MiB); the SAEs
-decrypt TLS straight into a 1 MiB buffer
-per connection and decode the base64 from there as it arrives
-(:class:`qkd_sim.etsi014.KeyContainerReader`), by :mod:`qstore.b64` (the backend is in the
+decrypt TLS straight into a 1 MiB buffer per connection and decode the base64 from there as it
+arrives (:class:`qkd_sim.etsi014.KeyContainerReader`), by :mod:`qstore.b64` (the backend is in the
 environment line); both kinds of process keep 64 MiB of freed heap
 (:func:`qstore._memory.keep_freed_heap`).
 
